@@ -1,0 +1,116 @@
+/* The presence registry's front: who is online for receiptd (FIELD-NOTES decision 1) lives in
+ * Redis; this file turns presence stanzas into registry changes, answers subscriptions, and
+ * after every (re)attach pings the resources recorded under an older link epoch, since the
+ * server does not repeat directed presence to a component that reconnects. */
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "daemon.h"
+#include "log.h"
+#include "ns.h"
+#include "stanza.h"
+
+#define PING_PREFIX "rdping-"
+#define STALE_MAX 10000
+
+static void send_presence(daemon_t *d, const char *to, const char *type)
+{
+    xmpp_stanza_t *p = xmpp_presence_new(d->ctx);
+    if (!p)
+        return;
+    xmpp_stanza_set_from(p, d->cfg.jid);
+    xmpp_stanza_set_to(p, to);
+    if (type)
+        xmpp_stanza_set_type(p, type);
+    daemon_send(d, p);
+}
+
+static void registry_update(daemon_t *d, store_presence_op_t op, const route_t *r)
+{
+    if (!d->store || store_presence(d->store, op, r->from_bare, r->from_jid.resource, d->epoch,
+                                    daemon_now_ms(), NULL, NULL) < 0)
+        log_warn("presence: storage unavailable; presence of %s not recorded", r->from);
+}
+
+void presence_handle(daemon_t *d, xmpp_stanza_t *pres, const route_t *r)
+{
+    const char *type = xmpp_stanza_get_type(pres);
+    /* Foreign domains get no answer at all: a flood from them costs us nothing. */
+    if (!r->from_served || r->peer_bare[0])
+        return;
+    if (!type || strcmp(type, "unavailable") == 0 || strcmp(type, "error") == 0) {
+        if (!r->from_jid.resource[0])
+            return;
+        bool up = !type;
+        log_debug("presence: %s is %s", r->from, up ? "online" : "offline");
+        registry_update(d, up ? STORE_PRESENCE_SET : STORE_PRESENCE_DEL, r);
+    } else if (strcmp(type, "subscribe") == 0) {
+        /* Approve and subscribe back: presence then flows both ways (FIELD-NOTES). */
+        send_presence(d, r->from_bare, "subscribed");
+        send_presence(d, r->from_bare, "subscribe");
+    } else if (strcmp(type, "probe") == 0) {
+        send_presence(d, r->from, NULL);
+    } else if (strcmp(type, "unsubscribe") == 0) {
+        send_presence(d, r->from_bare, "unsubscribed");
+    }
+}
+
+static void on_stale(void *ud, int err, const store_item_t *items, size_t n)
+{
+    daemon_t *d = ud;
+    if (err) {
+        log_warn("presence: could not list resources to verify after attaching");
+        return;
+    }
+    if (n)
+        log_info("presence: verifying %zu resource(s) recorded before this link", n);
+    const char *last_user = "";
+    for (size_t i = 0; i < n; i++) {
+        const char *user = items[i].sid, *res = items[i].blob;
+        char to[PROTO_JID_MAX * 2], id[48];
+        snprintf(to, sizeof to, "%s/%s", user, res);
+        snprintf(id, sizeof id, PING_PREFIX "%" PRIu64, ++d->ping_counter);
+        xmpp_stanza_t *iq = xmpp_iq_new(d->ctx, "get", id);
+        xmpp_stanza_t *ping = xmpp_stanza_new(d->ctx);
+        if (!iq || !ping) {
+            if (iq)
+                xmpp_stanza_release(iq);
+            if (ping)
+                xmpp_stanza_release(ping);
+            return;
+        }
+        xmpp_stanza_set_name(ping, "ping");
+        xmpp_stanza_set_ns(ping, NS_PING);
+        xmpp_stanza_add_child_ex(iq, ping, 0);
+        xmpp_stanza_set_from(iq, d->cfg.jid);
+        xmpp_stanza_set_to(iq, to);
+        daemon_send(d, iq);
+        /* Subscribed users answer a probe with their presence, which re-registers them. */
+        if (strcmp(user, last_user) != 0)
+            send_presence(d, user, "probe");
+        last_user = user;
+    }
+}
+
+void presence_on_epoch(daemon_t *d)
+{
+    if (d->store && store_presence_stale(d->store, d->epoch, STALE_MAX, on_stale, d) < 0)
+        log_warn("presence: storage unavailable; resources from before the link stay offline");
+}
+
+void presence_handle_ping_reply(daemon_t *d, xmpp_stanza_t *iq, const route_t *r)
+{
+    const char *type = xmpp_stanza_get_type(iq);
+    const char *id = xmpp_stanza_get_id(iq);
+    if (!id || strncmp(id, PING_PREFIX, strlen(PING_PREFIX)) != 0)
+        return; /* not an answer to one of our pings */
+    if (!r->from_served || !r->from_jid.resource[0])
+        return;
+    /* A result proves the resource is there; any error means it is not (the server answers
+     * for a resource that is gone). */
+    bool alive = type && strcmp(type, "result") == 0;
+    log_debug("presence: %s %s our ping", r->from, alive ? "answered" : "did not answer");
+    registry_update(d, alive ? STORE_PRESENCE_VERIFY : STORE_PRESENCE_DEL, r);
+}

@@ -1,0 +1,95 @@
+#include "buf.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+void proto_buf_init(proto_buf_t *b)
+{
+    b->data = NULL;
+    b->len = b->cap = 0;
+    b->failed = false;
+}
+
+void proto_buf_free(proto_buf_t *b)
+{
+    free(b->data);
+    proto_buf_init(b);
+}
+
+void proto_buf_reset(proto_buf_t *b)
+{
+    b->len = 0;
+    b->failed = false;
+}
+
+static bool reserve(proto_buf_t *b, size_t extra)
+{
+    if (b->failed)
+        return false;
+    if (b->len + extra + 1 <= b->cap)
+        return true;
+    size_t cap = b->cap ? b->cap : 256;
+    while (cap < b->len + extra + 1)
+        cap *= 2;
+    char *p = realloc(b->data, cap);
+    if (!p) {
+        b->failed = true;
+        return false;
+    }
+    b->data = p;
+    b->cap = cap;
+    return true;
+}
+
+void proto_buf_append(proto_buf_t *b, const char *s, size_t n)
+{
+    if (!reserve(b, n))
+        return;
+    memcpy(b->data + b->len, s, n);
+    b->len += n;
+    b->data[b->len] = '\0';
+}
+
+void proto_buf_append_str(proto_buf_t *b, const char *s)
+{
+    proto_buf_append(b, s, strlen(s));
+}
+
+void proto_buf_append_xml(proto_buf_t *b, const char *s)
+{
+    const char *run = s;
+    for (const char *p = s; *p; p++) {
+        const char *rep = NULL;
+        switch (*p) {
+        case '&': rep = "&amp;"; break;
+        case '<': rep = "&lt;"; break;
+        case '>': rep = "&gt;"; break;
+        case '\'': rep = "&apos;"; break;
+        case '"': rep = "&quot;"; break;
+        default: continue;
+        }
+        proto_buf_append(b, run, (size_t)(p - run));
+        proto_buf_append_str(b, rep);
+        run = p + 1;
+    }
+    proto_buf_append_str(b, run);
+}
+
+void proto_buf_append_attr(proto_buf_t *b, const char *name, const char *value)
+{
+    if (!value)
+        return;
+    proto_buf_append(b, " ", 1);
+    proto_buf_append_str(b, name);
+    proto_buf_append(b, "='", 2);
+    proto_buf_append_xml(b, value);
+    proto_buf_append(b, "'", 1);
+}
+
+int proto_buf_finish(proto_buf_t *b)
+{
+    if (!reserve(b, 0))
+        return -1;
+    b->data[b->len] = '\0';
+    return 0;
+}

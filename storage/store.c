@@ -1,0 +1,739 @@
+/* The Redis connection and the request/reply plumbing around the Lua scripts.
+ *
+ * Ownership: store_t owns the hiredis context (NULL while disconnected) and the reconnect timer.
+ * Each request is a req_t that rides along as hiredis privdata and is freed in on_reply, which
+ * hiredis calls exactly once per command (with a NULL reply when the connection goes away). */
+#include "store.h"
+
+#include <hiredis/adapters/libuv.h>
+#include <hiredis/async.h>
+#include <hiredis/hiredis.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strophe.h>
+
+#include "scripts.h"
+
+#define BACKOFF_MIN_MS 100
+#define BACKOFF_MAX_MS 5000
+#define KEY_DUE "rd:due"
+#define KEY_ONLINE "rd:online"
+#define KEY_EPOCH "rd:epoch"
+
+struct store {
+    uv_loop_t *loop;
+    char *host;
+    int port;
+    unsigned max_inflight;
+    redisAsyncContext *ac;
+    bool connected;
+    bool closing;
+    uv_timer_t retry_timer;
+    unsigned backoff_ms;
+    unsigned inflight;
+    char sha[STORE_SCRIPT_COUNT][41];
+    store_state_cb on_state;
+    void *ud;
+};
+
+typedef enum {
+    REQ_PUT,
+    REQ_ITEMS,
+    REQ_DONE,
+    REQ_EPOCH,
+    REQ_DUE,
+    REQ_SUMMARY,
+    REQ_FETCH,
+    REQ_STRING,
+    REQ_IGNORE
+} req_kind_t;
+
+typedef struct req {
+    store_t *st;
+    req_kind_t kind;
+    union {
+        store_put_cb put;
+        store_items_cb items;
+        store_done_cb done;
+        store_epoch_cb epoch;
+        store_due_cb due;
+        store_summary_cb summary;
+        store_fetch_cb fetch;
+        store_string_cb string;
+    } cb;
+    void *ud;
+} req_t;
+
+static void store_connect(store_t *st);
+
+static void on_retry_timer(uv_timer_t *t)
+{
+    store_connect(t->data);
+}
+
+static void schedule_reconnect(store_t *st)
+{
+    if (st->closing)
+        return;
+    /* Jitter spreads the reconnects of several receiptd instances after a shared Redis restart. */
+    unsigned delay = st->backoff_ms / 2 + (unsigned)rand() % (st->backoff_ms / 2 + 1);
+    st->backoff_ms = st->backoff_ms * 2 > BACKOFF_MAX_MS ? BACKOFF_MAX_MS : st->backoff_ms * 2;
+    uv_timer_start(&st->retry_timer, on_retry_timer, delay, 0);
+}
+
+static void on_ignore(redisAsyncContext *ac, void *reply, void *privdata)
+{
+    (void)ac;
+    (void)reply;
+    (void)privdata;
+}
+
+static void on_connect(const redisAsyncContext *cac, int status)
+{
+    store_t *st = cac->data;
+    if (status != REDIS_OK) {
+        /* hiredis frees the context after this callback. */
+        st->ac = NULL;
+        if (st->on_state)
+            st->on_state(st->ud, 0, cac->errstr);
+        schedule_reconnect(st);
+        return;
+    }
+    /* Loading every script first is enough: Redis runs one connection's commands in order. */
+    for (int i = 0; i < STORE_SCRIPT_COUNT; i++)
+        redisAsyncCommand(st->ac, on_ignore, NULL, "SCRIPT LOAD %s",
+                          store_script_source((store_script_t)i));
+    st->connected = true;
+    st->backoff_ms = BACKOFF_MIN_MS;
+    if (st->on_state)
+        st->on_state(st->ud, 1, NULL);
+}
+
+static void on_disconnect(const redisAsyncContext *cac, int status)
+{
+    store_t *st = cac->data;
+    bool was = st->connected;
+    st->ac = NULL;
+    st->connected = false;
+    if (st->closing)
+        return;
+    if (st->on_state && was)
+        st->on_state(st->ud, 0, status == REDIS_OK ? "disconnected" : cac->errstr);
+    schedule_reconnect(st);
+}
+
+static void store_connect(store_t *st)
+{
+    redisAsyncContext *ac = redisAsyncConnect(st->host, st->port);
+    if (!ac || ac->err) {
+        if (st->on_state)
+            st->on_state(st->ud, 0, ac ? ac->errstr : "out of memory");
+        if (ac)
+            redisAsyncFree(ac);
+        schedule_reconnect(st);
+        return;
+    }
+    ac->data = st;
+    if (redisLibuvAttach(ac, st->loop) != REDIS_OK) {
+        redisAsyncFree(ac);
+        schedule_reconnect(st);
+        return;
+    }
+    redisAsyncSetConnectCallback(ac, on_connect);
+    redisAsyncSetDisconnectCallback(ac, on_disconnect);
+    st->ac = ac;
+}
+
+int store_create(uv_loop_t *loop, const store_config_t *cfg, store_state_cb on_state, void *ud,
+                 store_t **out)
+{
+    store_t *st = calloc(1, sizeof *st);
+    if (!st)
+        return STORE_ENOMEM;
+    st->host = strdup(cfg->host);
+    if (!st->host) {
+        free(st);
+        return STORE_ENOMEM;
+    }
+    st->loop = loop;
+    st->port = cfg->port;
+    st->max_inflight = cfg->max_inflight ? cfg->max_inflight : 10000;
+    st->on_state = on_state;
+    st->ud = ud;
+    st->backoff_ms = BACKOFF_MIN_MS;
+    for (int i = 0; i < STORE_SCRIPT_COUNT; i++) {
+        const char *src = store_script_source((store_script_t)i);
+        unsigned char digest[XMPP_SHA1_DIGEST_SIZE];
+        xmpp_sha1_digest((const unsigned char *)src, strlen(src), digest);
+        for (int b = 0; b < XMPP_SHA1_DIGEST_SIZE; b++)
+            snprintf(st->sha[i] + 2 * b, 3, "%02x", digest[b]);
+    }
+    uv_timer_init(loop, &st->retry_timer);
+    st->retry_timer.data = st;
+    store_connect(st);
+    *out = st;
+    return 0;
+}
+
+static void on_timer_closed(uv_handle_t *h)
+{
+    store_t *st = h->data;
+    free(st->host);
+    free(st);
+}
+
+void store_close(store_t *st)
+{
+    st->closing = true;
+    st->connected = false;
+    uv_timer_stop(&st->retry_timer);
+    if (st->ac) {
+        redisAsyncContext *ac = st->ac;
+        st->ac = NULL;
+        redisAsyncDisconnect(ac);
+    }
+    uv_close((uv_handle_t *)&st->retry_timer, on_timer_closed);
+}
+
+bool store_is_connected(const store_t *st)
+{
+    return st->connected;
+}
+
+unsigned store_inflight(const store_t *st)
+{
+    return st->inflight;
+}
+
+/* ---- replies ------------------------------------------------------------------------------ */
+
+static bool is_str(const redisReply *r)
+{
+    return r && (r->type == REDIS_REPLY_STRING || r->type == REDIS_REPLY_STATUS);
+}
+
+/* Views elements [from, from + 2n) of an array reply as (sid, blob) pairs. Returns -1 on a
+ * malformed reply; *items is NULL when n == 0 and otherwise freed by the caller. */
+static int pairs_of(const redisReply *arr, size_t from, store_item_t **items, size_t *n)
+{
+    *items = NULL;
+    *n = 0;
+    if (!arr || arr->type != REDIS_REPLY_ARRAY || arr->elements < from ||
+        (arr->elements - from) % 2)
+        return -1;
+    size_t count = (arr->elements - from) / 2;
+    if (count == 0)
+        return 0;
+    store_item_t *it = calloc(count, sizeof *it);
+    if (!it)
+        return -1;
+    for (size_t i = 0; i < count; i++) {
+        const redisReply *a = arr->element[from + 2 * i], *b = arr->element[from + 2 * i + 1];
+        if (!is_str(a) || !is_str(b)) {
+            free(it);
+            return -1;
+        }
+        it[i].sid = a->str;
+        it[i].blob = b->str;
+        it[i].blob_len = b->len;
+    }
+    *items = it;
+    *n = count;
+    return 0;
+}
+
+static int reply_put(req_t *rq, const redisReply *r)
+{
+    store_put_result_t res = {0};
+    if (r->type != REDIS_REPLY_ARRAY || r->elements < 1 || !is_str(r->element[0]))
+        return -1;
+    const char *tag = r->element[0]->str;
+    if (strcmp(tag, "full") == 0) {
+        res.status = STORE_PUT_FULL;
+        res.sid = "";
+        rq->cb.put(rq->ud, 0, &res);
+        return 0;
+    }
+    if (r->elements < 2 || !is_str(r->element[1]))
+        return -1;
+    res.sid = r->element[1]->str;
+    if (strcmp(tag, "dup") == 0)
+        res.status = STORE_PUT_DUP;
+    else if (strcmp(tag, "offline") == 0)
+        res.status = STORE_PUT_OFFLINE;
+    else if (strcmp(tag, "live") == 0)
+        res.status = STORE_PUT_LIVE;
+    else
+        return -1;
+    const char **resources = NULL;
+    if (r->elements > 2) {
+        resources = calloc(r->elements - 2, sizeof *resources);
+        if (!resources)
+            return -1;
+        for (size_t i = 2; i < r->elements; i++) {
+            if (!is_str(r->element[i])) {
+                free(resources);
+                return -1;
+            }
+            resources[i - 2] = r->element[i]->str;
+        }
+    }
+    res.resources = resources;
+    res.nresources = r->elements - 2;
+    rq->cb.put(rq->ud, 0, &res);
+    free(resources);
+    return 0;
+}
+
+static int reply_due(req_t *rq, const redisReply *r)
+{
+    if (r->type != REDIS_REPLY_ARRAY || r->elements % 3)
+        return -1;
+    size_t n = r->elements / 3;
+    store_due_t *due = n ? calloc(n, sizeof *due) : NULL;
+    int rc = -1;
+    if (n && !due)
+        return -1;
+    for (size_t i = 0; i < n; i++) {
+        const redisReply *u = r->element[3 * i], *res = r->element[3 * i + 1];
+        if (!is_str(u) || res->type != REDIS_REPLY_ARRAY)
+            goto out;
+        due[i].user = u->str;
+        due[i].nresources = res->elements;
+        if (res->elements) {
+            due[i].resources = calloc(res->elements, sizeof(char *));
+            if (!due[i].resources)
+                goto out;
+            for (size_t k = 0; k < res->elements; k++) {
+                if (!is_str(res->element[k]))
+                    goto out;
+                due[i].resources[k] = res->element[k]->str;
+            }
+        }
+        if (pairs_of(r->element[3 * i + 2], 0, &due[i].items, &due[i].nitems) < 0)
+            goto out;
+    }
+    rq->cb.due(rq->ud, 0, due, n);
+    rc = 0;
+out:
+    for (size_t i = 0; i < n; i++) {
+        free(due[i].resources);
+        free(due[i].items);
+    }
+    free(due);
+    return rc;
+}
+
+static int reply_dispatch(req_t *rq, const redisReply *r)
+{
+    store_item_t *items;
+    size_t n;
+    switch (rq->kind) {
+    case REQ_PUT:
+        return reply_put(rq, r);
+    case REQ_ITEMS:
+        if (pairs_of(r, 0, &items, &n) < 0)
+            return -1;
+        rq->cb.items(rq->ud, 0, items, n);
+        free(items);
+        return 0;
+    case REQ_DONE:
+        if (rq->cb.done)
+            rq->cb.done(rq->ud, 0);
+        return 0;
+    case REQ_EPOCH: {
+        char buf[32];
+        if (r->type != REDIS_REPLY_INTEGER)
+            return -1;
+        snprintf(buf, sizeof buf, "%lld", r->integer);
+        rq->cb.epoch(rq->ud, 0, buf);
+        return 0;
+    }
+    case REQ_DUE:
+        return reply_due(rq, r);
+    case REQ_SUMMARY: {
+        store_item_t ends[2] = {{0}};
+        if (r->type != REDIS_REPLY_ARRAY || r->elements < 4 ||
+            r->element[0]->type != REDIS_REPLY_INTEGER ||
+            r->element[1]->type != REDIS_REPLY_INTEGER || !is_str(r->element[2]) ||
+            !is_str(r->element[3]) || pairs_of(r, 4, &items, &n) < 0)
+            return -1;
+        for (int i = 0; i < 2; i++) {
+            ends[i].blob = r->element[2 + i]->str;
+            ends[i].blob_len = r->element[2 + i]->len;
+        }
+        rq->cb.summary(rq->ud, 0, (uint64_t)r->element[0]->integer,
+                       (uint64_t)r->element[1]->integer, ends, items, n);
+        free(items);
+        return 0;
+    }
+    case REQ_FETCH:
+        if (r->type != REDIS_REPLY_ARRAY || r->elements < 1 ||
+            r->element[0]->type != REDIS_REPLY_INTEGER || pairs_of(r, 1, &items, &n) < 0)
+            return -1;
+        rq->cb.fetch(rq->ud, 0, r->element[0]->integer == 1, items, n);
+        free(items);
+        return 0;
+    case REQ_STRING:
+        if (r->type != REDIS_REPLY_ARRAY || r->elements != 2 || !is_str(r->element[1]))
+            return -1;
+        rq->cb.string(rq->ud, 0, r->element[1]->str);
+        return 0;
+    case REQ_IGNORE:
+        return 0;
+    }
+    return -1;
+}
+
+/* Runs the request's callback with an error and no results. */
+static void reply_fail(req_t *rq, int err)
+{
+    switch (rq->kind) {
+    case REQ_PUT:
+        rq->cb.put(rq->ud, err, NULL);
+        break;
+    case REQ_ITEMS:
+        rq->cb.items(rq->ud, err, NULL, 0);
+        break;
+    case REQ_DONE:
+        if (rq->cb.done)
+            rq->cb.done(rq->ud, err);
+        break;
+    case REQ_EPOCH:
+        rq->cb.epoch(rq->ud, err, NULL);
+        break;
+    case REQ_DUE:
+        rq->cb.due(rq->ud, err, NULL, 0);
+        break;
+    case REQ_SUMMARY:
+        rq->cb.summary(rq->ud, err, 0, 0, NULL, NULL, 0);
+        break;
+    case REQ_FETCH:
+        rq->cb.fetch(rq->ud, err, false, NULL, 0);
+        break;
+    case REQ_STRING:
+        rq->cb.string(rq->ud, err, NULL);
+        break;
+    case REQ_IGNORE:
+        break;
+    }
+}
+
+static void on_reply(redisAsyncContext *ac, void *reply, void *privdata)
+{
+    (void)ac;
+    req_t *rq = privdata;
+    redisReply *r = reply;
+    rq->st->inflight--;
+    if (!r)
+        reply_fail(rq, STORE_EDOWN);
+    else if (r->type == REDIS_REPLY_ERROR || reply_dispatch(rq, r) < 0)
+        reply_fail(rq, STORE_EREPLY);
+    free(rq);
+}
+
+/* Sends argv as one command; rq is consumed either way. */
+static int send_argv(store_t *st, req_t *rq, int argc, const char **argv, const size_t *lens)
+{
+    if (!st->connected || !st->ac) {
+        free(rq);
+        return STORE_EDOWN;
+    }
+    if (st->inflight >= st->max_inflight) {
+        free(rq);
+        return STORE_EBUSY;
+    }
+    rq->st = st;
+    if (redisAsyncCommandArgv(st->ac, on_reply, rq, argc, argv, lens) != REDIS_OK) {
+        free(rq);
+        return STORE_EDOWN;
+    }
+    st->inflight++;
+    return 0;
+}
+
+static req_t *req_new(req_kind_t kind, void *ud)
+{
+    req_t *rq = calloc(1, sizeof *rq);
+    if (rq) {
+        rq->kind = kind;
+        rq->ud = ud;
+    }
+    return rq;
+}
+
+/* Most commands are an EVALSHA of short string arguments; this builds and sends one. args may
+ * hold up to 24 entries, plus an optional binary blob appended last. */
+#define MAX_ARGS 32
+typedef struct cmd {
+    const char *argv[MAX_ARGS];
+    size_t lens[MAX_ARGS];
+    int argc;
+    char nums[8][24];
+    int nnums;
+} cmd_t;
+
+static void cmd_add(cmd_t *c, const char *s)
+{
+    c->argv[c->argc] = s;
+    c->lens[c->argc++] = strlen(s);
+}
+
+static void cmd_add_bin(cmd_t *c, const char *s, size_t n)
+{
+    c->argv[c->argc] = s;
+    c->lens[c->argc++] = n;
+}
+
+static void cmd_add_num(cmd_t *c, int64_t v)
+{
+    char *buf = c->nums[c->nnums++];
+    snprintf(buf, sizeof c->nums[0], "%" PRId64, v);
+    cmd_add(c, buf);
+}
+
+static void cmd_evalsha(cmd_t *c, store_t *st, store_script_t s, int nkeys)
+{
+    c->argc = c->nnums = 0;
+    cmd_add(c, "EVALSHA");
+    cmd_add(c, st->sha[s]);
+    cmd_add_num(c, nkeys);
+}
+
+/* The user's key prefix, "rd:{user}". */
+static int user_prefix(char *buf, size_t len, const char *user)
+{
+    int n = snprintf(buf, len, "rd:{%s}", user);
+    return n > 0 && (size_t)n < len ? 0 : -1;
+}
+
+#define PREFIX_MAX 3200
+#define OKEY_MAX 4200
+
+int store_put_message(store_t *st, const store_put_t *p, store_put_cb cb, void *ud)
+{
+    char prefix[PREFIX_MAX], suffix[9];
+    cmd_t c;
+    if (user_prefix(prefix, sizeof prefix, p->user) < 0)
+        return STORE_EREPLY;
+    snprintf(suffix, sizeof suffix, "%08x", (unsigned)rand());
+    req_t *rq = req_new(REQ_PUT, ud);
+    if (!rq)
+        return STORE_ENOMEM;
+    rq->cb.put = cb;
+    cmd_evalsha(&c, st, STORE_SCRIPT_PUT, 2);
+    cmd_add(&c, prefix);
+    cmd_add(&c, KEY_DUE);
+    cmd_add(&c, p->user);
+    cmd_add(&c, p->sender);
+    cmd_add(&c, p->orig_id ? p->orig_id : "");
+    cmd_add(&c, suffix);
+    cmd_add_bin(&c, p->blob, p->blob_len);
+    cmd_add(&c, p->track ? "1" : "0");
+    cmd_add_num(&c, p->now_ms);
+    cmd_add_num(&c, p->retry_ms);
+    cmd_add_num(&c, p->window_ms);
+    cmd_add_num(&c, p->dedupe_s);
+    cmd_add(&c, p->epoch);
+    cmd_add_num(&c, (int64_t)p->max_messages);
+    cmd_add_num(&c, (int64_t)p->max_bytes);
+    return send_argv(st, rq, c.argc, c.argv, c.lens);
+}
+
+int store_ack_sids(store_t *st, const char *user, const char *const *sids, size_t n,
+                   store_items_cb cb, void *ud)
+{
+    char prefix[PREFIX_MAX];
+    if (user_prefix(prefix, sizeof prefix, user) < 0)
+        return STORE_EREPLY;
+    size_t argc = 5 + n;
+    const char **argv = calloc(argc, sizeof *argv);
+    size_t *lens = calloc(argc, sizeof *lens);
+    req_t *rq = req_new(REQ_ITEMS, ud);
+    int rc = STORE_ENOMEM;
+    if (argv && lens && rq) {
+        cmd_t c;
+        cmd_evalsha(&c, st, STORE_SCRIPT_ACK, 1);
+        cmd_add(&c, prefix);
+        cmd_add(&c, "sid");
+        memcpy(argv, c.argv, 5 * sizeof *argv);
+        memcpy(lens, c.lens, 5 * sizeof *lens);
+        for (size_t i = 0; i < n; i++) {
+            argv[5 + i] = sids[i];
+            lens[5 + i] = strlen(sids[i]);
+        }
+        rq->cb.items = cb;
+        rc = send_argv(st, rq, (int)argc, argv, lens);
+        rq = NULL;
+    }
+    free(rq);
+    free(argv);
+    free(lens);
+    return rc;
+}
+
+static int origin_key(char *buf, size_t len, const char *sender, const char *orig_id)
+{
+    int n = snprintf(buf, len, "%s %s", sender, orig_id);
+    return n > 0 && (size_t)n < len ? 0 : -1;
+}
+
+int store_ack_origin(store_t *st, const char *user, const char *sender, const char *orig_id,
+                     store_items_cb cb, void *ud)
+{
+    char prefix[PREFIX_MAX], okey[OKEY_MAX];
+    cmd_t c;
+    if (user_prefix(prefix, sizeof prefix, user) < 0 ||
+        origin_key(okey, sizeof okey, sender, orig_id) < 0)
+        return STORE_EREPLY;
+    req_t *rq = req_new(REQ_ITEMS, ud);
+    if (!rq)
+        return STORE_ENOMEM;
+    rq->cb.items = cb;
+    cmd_evalsha(&c, st, STORE_SCRIPT_ACK, 1);
+    cmd_add(&c, prefix);
+    cmd_add(&c, "orig");
+    cmd_add(&c, okey);
+    return send_argv(st, rq, c.argc, c.argv, c.lens);
+}
+
+int store_bounce(store_t *st, const char *user, const char *sender, const char *orig_id,
+                 const char *resource, const char *epoch, store_done_cb cb, void *ud)
+{
+    char prefix[PREFIX_MAX], okey[OKEY_MAX];
+    cmd_t c;
+    if (user_prefix(prefix, sizeof prefix, user) < 0 ||
+        origin_key(okey, sizeof okey, sender, orig_id) < 0)
+        return STORE_EREPLY;
+    req_t *rq = req_new(REQ_DONE, ud);
+    if (!rq)
+        return STORE_ENOMEM;
+    rq->cb.done = cb;
+    cmd_evalsha(&c, st, STORE_SCRIPT_BOUNCE, 2);
+    cmd_add(&c, prefix);
+    cmd_add(&c, KEY_ONLINE);
+    cmd_add(&c, user);
+    cmd_add(&c, okey);
+    cmd_add(&c, resource);
+    cmd_add(&c, epoch);
+    return send_argv(st, rq, c.argc, c.argv, c.lens);
+}
+
+int store_presence(store_t *st, store_presence_op_t op, const char *user, const char *resource,
+                   const char *epoch, int64_t now_ms, store_done_cb cb, void *ud)
+{
+    static const char *const ops[] = {"set", "del", "verify"};
+    char prefix[PREFIX_MAX];
+    cmd_t c;
+    if (user_prefix(prefix, sizeof prefix, user) < 0)
+        return STORE_EREPLY;
+    req_t *rq = req_new(REQ_DONE, ud);
+    if (!rq)
+        return STORE_ENOMEM;
+    rq->cb.done = cb;
+    cmd_evalsha(&c, st, STORE_SCRIPT_PRESENCE, 3);
+    cmd_add(&c, prefix);
+    cmd_add(&c, KEY_ONLINE);
+    cmd_add(&c, KEY_DUE);
+    cmd_add(&c, ops[op]);
+    cmd_add(&c, user);
+    cmd_add(&c, resource);
+    cmd_add(&c, epoch);
+    cmd_add_num(&c, now_ms);
+    return send_argv(st, rq, c.argc, c.argv, c.lens);
+}
+
+int store_presence_stale(store_t *st, const char *epoch, unsigned max, store_items_cb cb,
+                         void *ud)
+{
+    cmd_t c;
+    req_t *rq = req_new(REQ_ITEMS, ud);
+    if (!rq)
+        return STORE_ENOMEM;
+    rq->cb.items = cb;
+    cmd_evalsha(&c, st, STORE_SCRIPT_STALE, 1);
+    cmd_add(&c, KEY_ONLINE);
+    cmd_add(&c, epoch);
+    cmd_add_num(&c, max);
+    return send_argv(st, rq, c.argc, c.argv, c.lens);
+}
+
+int store_epoch_next(store_t *st, store_epoch_cb cb, void *ud)
+{
+    cmd_t c = {0};
+    req_t *rq = req_new(REQ_EPOCH, ud);
+    if (!rq)
+        return STORE_ENOMEM;
+    rq->cb.epoch = cb;
+    cmd_add(&c, "INCR");
+    cmd_add(&c, KEY_EPOCH);
+    return send_argv(st, rq, c.argc, c.argv, c.lens);
+}
+
+int store_claim_due(store_t *st, int64_t now_ms, int64_t retry_ms, const char *epoch,
+                    unsigned max_users, store_due_cb cb, void *ud)
+{
+    cmd_t c;
+    req_t *rq = req_new(REQ_DUE, ud);
+    if (!rq)
+        return STORE_ENOMEM;
+    rq->cb.due = cb;
+    cmd_evalsha(&c, st, STORE_SCRIPT_DUE, 1);
+    cmd_add(&c, KEY_DUE);
+    cmd_add_num(&c, now_ms);
+    cmd_add_num(&c, retry_ms);
+    cmd_add(&c, epoch);
+    cmd_add_num(&c, max_users);
+    return send_argv(st, rq, c.argc, c.argv, c.lens);
+}
+
+int store_summary(store_t *st, const char *user, unsigned max, store_summary_cb cb, void *ud)
+{
+    char prefix[PREFIX_MAX];
+    cmd_t c;
+    if (user_prefix(prefix, sizeof prefix, user) < 0)
+        return STORE_EREPLY;
+    req_t *rq = req_new(REQ_SUMMARY, ud);
+    if (!rq)
+        return STORE_ENOMEM;
+    rq->cb.summary = cb;
+    cmd_evalsha(&c, st, STORE_SCRIPT_SUMMARY, 1);
+    cmd_add(&c, prefix);
+    cmd_add_num(&c, max);
+    return send_argv(st, rq, c.argc, c.argv, c.lens);
+}
+
+int store_fetch(store_t *st, const char *user, uint64_t after_seq, unsigned max, size_t max_bytes,
+                size_t overhead, store_fetch_cb cb, void *ud)
+{
+    char prefix[PREFIX_MAX];
+    cmd_t c;
+    if (user_prefix(prefix, sizeof prefix, user) < 0)
+        return STORE_EREPLY;
+    req_t *rq = req_new(REQ_FETCH, ud);
+    if (!rq)
+        return STORE_ENOMEM;
+    rq->cb.fetch = cb;
+    cmd_evalsha(&c, st, STORE_SCRIPT_FETCH, 1);
+    cmd_add(&c, prefix);
+    cmd_add_num(&c, (int64_t)after_seq);
+    cmd_add_num(&c, max);
+    cmd_add_num(&c, (int64_t)max_bytes);
+    cmd_add_num(&c, (int64_t)overhead);
+    return send_argv(st, rq, c.argc, c.argv, c.lens);
+}
+
+int store_config_get(store_t *st, const char *param, store_string_cb cb, void *ud)
+{
+    cmd_t c = {0};
+    req_t *rq = req_new(REQ_STRING, ud);
+    if (!rq)
+        return STORE_ENOMEM;
+    rq->cb.string = cb;
+    cmd_add(&c, "CONFIG");
+    cmd_add(&c, "GET");
+    cmd_add(&c, param);
+    return send_argv(st, rq, c.argc, c.argv, c.lens);
+}

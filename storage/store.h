@@ -1,0 +1,129 @@
+/* Redis hot state: one hiredis async connection on the caller's libuv loop.
+ *
+ * Contract for every request (hiredis' own): a call that returns 0 runs its callback exactly once,
+ * with err != 0 when Redis failed or the connection dropped; a call that returns < 0 (not
+ * connected, or over the in-flight bound) runs nothing. Results passed to a callback are valid
+ * only during it. The store owns its connection and reconnects by itself with capped exponential
+ * backoff; it never logs, it reports state changes through the state callback. */
+#ifndef RECEIPTD_STORAGE_STORE_H
+#define RECEIPTD_STORAGE_STORE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+enum {
+    STORE_EDOWN = -1,  /* not connected to Redis */
+    STORE_EBUSY = -2,  /* too many requests in flight */
+    STORE_ENOMEM = -3, /* out of memory */
+    STORE_EREPLY = -4, /* Redis answered an error or an unexpected shape */
+};
+
+typedef struct store store_t;
+
+typedef struct store_config {
+    const char *host;
+    int port;
+    unsigned max_inflight;
+} store_config_t;
+
+/* connected: 1 when (re)connected and scripts are loaded, 0 when the connection was lost or a
+ * connect attempt failed (err then says why). */
+typedef void (*store_state_cb)(void *ud, int connected, const char *err);
+
+int store_create(uv_loop_t *loop, const store_config_t *cfg, store_state_cb on_state, void *ud,
+                 store_t **out);
+/* Disconnects (pending callbacks run with an error) and frees once libuv closed its handles. */
+void store_close(store_t *st);
+bool store_is_connected(const store_t *st);
+unsigned store_inflight(const store_t *st);
+
+typedef struct store_item {
+    const char *sid;
+    const char *blob;
+    size_t blob_len;
+} store_item_t;
+
+/* --- put ------------------------------------------------------------------------------------ */
+typedef enum {
+    STORE_PUT_LIVE,    /* recipient online: push to resources (sid "" when not kept pending) */
+    STORE_PUT_OFFLINE, /* in the recipient's offline queue */
+    STORE_PUT_DUP,     /* seen before within the dedupe window: sid is the first one's */
+    STORE_PUT_FULL,    /* over the recipient's quota: nothing stored */
+} store_put_status_t;
+
+typedef struct store_put {
+    const char *user;    /* recipient bare JID */
+    const char *sender;  /* sender bare JID */
+    const char *orig_id; /* may be NULL */
+    const char *blob;
+    size_t blob_len;
+    bool track; /* receipt requested: dedupe, keep pending until acked */
+    int64_t now_ms;
+    int64_t retry_ms, window_ms, dedupe_s;
+    uint64_t max_messages, max_bytes;
+    const char *epoch;
+} store_put_t;
+
+typedef struct store_put_result {
+    store_put_status_t status;
+    const char *sid;
+    const char **resources;
+    size_t nresources;
+} store_put_result_t;
+
+typedef void (*store_put_cb)(void *ud, int err, const store_put_result_t *res);
+int store_put_message(store_t *st, const store_put_t *req, store_put_cb cb, void *ud);
+
+/* --- ack: by stanza ids, or by (sender, original id) for a <received/> ------------------------ */
+typedef void (*store_items_cb)(void *ud, int err, const store_item_t *items, size_t n);
+int store_ack_sids(store_t *st, const char *user, const char *const *sids, size_t n,
+                   store_items_cb cb, void *ud);
+int store_ack_origin(store_t *st, const char *user, const char *sender, const char *orig_id,
+                     store_items_cb cb, void *ud);
+
+/* --- bounce: resource of user is gone; moves the message offline when nobody else is online -- */
+typedef void (*store_done_cb)(void *ud, int err);
+int store_bounce(store_t *st, const char *user, const char *sender, const char *orig_id,
+                 const char *resource, const char *epoch, store_done_cb cb, void *ud);
+
+/* --- presence --------------------------------------------------------------------------------- */
+typedef enum { STORE_PRESENCE_SET, STORE_PRESENCE_DEL, STORE_PRESENCE_VERIFY } store_presence_op_t;
+int store_presence(store_t *st, store_presence_op_t op, const char *user, const char *resource,
+                   const char *epoch, int64_t now_ms, store_done_cb cb, void *ud);
+/* Resources registered under another epoch, as (user, resource) pairs in items[i].sid/.blob. */
+int store_presence_stale(store_t *st, const char *epoch, unsigned max, store_items_cb cb,
+                         void *ud);
+/* INCR of the link epoch; the new value as a decimal string. */
+typedef void (*store_epoch_cb)(void *ud, int err, const char *epoch);
+int store_epoch_next(store_t *st, store_epoch_cb cb, void *ud);
+
+/* --- retransmission ---------------------------------------------------------------------------- */
+typedef struct store_due {
+    const char *user;
+    const char **resources;
+    size_t nresources;
+    store_item_t *items;
+    size_t nitems;
+} store_due_t;
+typedef void (*store_due_cb)(void *ud, int err, const store_due_t *due, size_t n);
+int store_claim_due(store_t *st, int64_t now_ms, int64_t retry_ms, const char *epoch,
+                    unsigned max_users, store_due_cb cb, void *ud);
+
+/* --- reading the offline queue ----------------------------------------------------------------- */
+/* ends[0] and ends[1] are the oldest and newest messages (sid NULL, blob_len 0 when the queue
+ * is empty); items are the first max messages, oldest first. */
+typedef void (*store_summary_cb)(void *ud, int err, uint64_t count, uint64_t bytes,
+                                 const store_item_t ends[2], const store_item_t *items, size_t n);
+int store_summary(store_t *st, const char *user, unsigned max, store_summary_cb cb, void *ud);
+typedef void (*store_fetch_cb)(void *ud, int err, bool complete, const store_item_t *items,
+                               size_t n);
+int store_fetch(store_t *st, const char *user, uint64_t after_seq, unsigned max, size_t max_bytes,
+                size_t overhead, store_fetch_cb cb, void *ud);
+
+/* --- raw: INFO persistence and friends, for the startup durability warning -------------------- */
+typedef void (*store_string_cb)(void *ud, int err, const char *str);
+int store_config_get(store_t *st, const char *param, store_string_cb cb, void *ud);
+
+#endif

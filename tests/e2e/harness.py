@@ -1,0 +1,581 @@
+#!/usr/bin/python3
+"""Process harness for receiptd end-to-end tests and the demo stack.
+
+Starts Redis, Prosody and receiptd on free loopback ports inside a temporary
+directory, and offers restart / SIGKILL / SIGTERM helpers for each of them.
+
+    /usr/bin/python3 tests/e2e/harness.py demo --receiptd build/component/receiptd
+
+Everything here is synchronous (subprocess based); the asyncio scenarios call
+the slow helpers through asyncio.to_thread().
+"""
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+
+COMPONENT = "receipts.localhost"
+SECRET = "s3cret"
+USER_DOMAIN = "localhost"
+OTHER_DOMAIN = "other.localhost"   # a domain served by Prosody but NOT a user_domain of receiptd
+
+# user -> (domain, password)
+USERS = {
+    "alice": (USER_DOMAIN, "alice-pw"),
+    "bob": (USER_DOMAIN, "bob-pw"),
+    "carol": (USER_DOMAIN, "carol-pw"),
+    "eve": (OTHER_DOMAIN, "eve-pw"),
+}
+
+DEFAULT_DELIVERY = {
+    "retry_interval": "5",
+    "delivery_window": "30",
+    "dedupe_window": "86400",
+    "fetch_max": "100",
+    "fetch_max_bytes": "65536",
+    "max_offline_messages": "10000",
+    "max_offline_bytes": "67108864",
+    "max_stanza_bytes": "65536",
+}
+
+
+class HarnessError(Exception):
+    pass
+
+
+def free_port():
+    """A free TCP port on 127.0.0.1 (bound then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port, host="127.0.0.1"):
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def wait_until(pred, timeout, what, interval=0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        if pred():
+            return
+        if time.monotonic() > deadline:
+            raise HarnessError("timed out after %.1fs waiting for %s" % (timeout, what))
+        time.sleep(interval)
+
+
+def tail(path, nbytes=6000):
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - nbytes))
+            data = f.read().decode("utf-8", "replace")
+        return ("[...]\n" if size > nbytes else "") + data
+    except OSError as e:
+        return "<cannot read %s: %s>" % (path, e)
+
+
+class Proc:
+    """A child process with its output sent to a log file."""
+
+    name = "proc"
+
+    def __init__(self, workdir):
+        self.workdir = workdir
+        self.popen = None
+        self.runs = 0
+        self.logs = []          # one log file per run
+        self.exit_codes = []    # (how, returncode) of finished runs
+
+    @property
+    def log(self):
+        return self.logs[-1] if self.logs else None
+
+    def argv(self):
+        raise NotImplementedError
+
+    def _spawn(self, env=None):
+        self.runs += 1
+        log = os.path.join(self.workdir, "%s.%d.log" % (self.name, self.runs))
+        self.logs.append(log)
+        fh = open(log, "wb")
+        try:
+            self.popen = subprocess.Popen(self.argv(), stdout=fh, stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL, cwd=self.workdir, env=env,
+                                          start_new_session=True)
+        finally:
+            fh.close()
+
+    def alive(self):
+        return self.popen is not None and self.popen.poll() is None
+
+    def check_alive(self, what):
+        if self.popen is not None and self.popen.poll() is not None:
+            raise HarnessError("%s exited with code %s while waiting for %s; log %s:\n%s" % (
+                self.name, self.popen.returncode, what, self.log, tail(self.log)))
+
+    def kill9(self):
+        if self.popen is None:
+            return
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGKILL)
+        self.popen.wait()
+        self.exit_codes.append(("SIGKILL", self.popen.returncode))
+        self.popen = None
+
+    def term(self, timeout=10):
+        """SIGTERM and wait; returns the exit code (SIGKILLs and raises if it hangs)."""
+        if self.popen is None:
+            return None
+        p = self.popen
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+                self.exit_codes.append(("SIGTERM-timeout", p.returncode))
+                self.popen = None
+                raise HarnessError("%s did not exit within %ss of SIGTERM" % (self.name, timeout))
+            self.exit_codes.append(("SIGTERM", p.returncode))
+        else:
+            self.exit_codes.append(("exited-before-SIGTERM", p.returncode))
+        self.popen = None
+        return p.returncode
+
+    def cleanup(self):
+        """Best effort, used on teardown after failures."""
+        if self.popen is not None and self.popen.poll() is None:
+            try:
+                self.popen.send_signal(signal.SIGTERM)
+                self.popen.wait(5)
+            except Exception:
+                try:
+                    self.popen.kill()
+                    self.popen.wait(5)
+                except Exception:
+                    pass
+        self.popen = None
+
+    def log_text(self):
+        out = []
+        for path in self.logs:
+            out.append(open(path, "rb").read().decode("utf-8", "replace") if os.path.exists(path) else "")
+        return "".join(out)
+
+    def count_in_log(self, needle, run=None):
+        path = self.logs[run - 1] if run else self.log
+        try:
+            with open(path, "rb") as f:
+                return f.read().decode("utf-8", "replace").count(needle)
+        except (OSError, TypeError):
+            return 0
+
+
+class Redis(Proc):
+    name = "redis"
+
+    def __init__(self, workdir):
+        super().__init__(workdir)
+        self.port = free_port()
+        self.dir = os.path.join(workdir, "redis")
+        os.makedirs(self.dir, exist_ok=True)
+
+    def argv(self):
+        return ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                "--dir", self.dir, "--appendonly", "yes", "--appendfsync", "always",
+                "--save", "", "--daemonize", "no"]
+
+    def start(self, timeout=10):
+        self._spawn()
+        wait_until(lambda: (self.check_alive("redis port") or True) and self.ping(), timeout,
+                   "redis on port %d" % self.port)
+
+    def ping(self):
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def command(self, *args):
+        """Minimal RESP client, enough for debugging (e.g. KEYS *)."""
+        payload = b"*%d\r\n" % len(args)
+        for a in args:
+            a = a.encode() if isinstance(a, str) else a
+            payload += b"$%d\r\n%s\r\n" % (len(a), a)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+            s.sendall(payload)
+            time.sleep(0.1)
+            return s.recv(1 << 20).decode("utf-8", "replace")
+
+    def stop(self):
+        return self.term()
+
+    def restart(self):
+        self.stop()
+        self.start()
+
+
+PROSODY_CFG = """-- generated by tests/e2e/harness.py
+run_as_root = true
+daemonize = false
+pidfile = "{dir}/prosody.pid"
+data_path = "{data}"
+log = {{ {loglevel} = "{dir}/prosody.out" }}
+plugin_paths = {{ }}
+modules_enabled = {{
+    "roster"; "saslauth"; "disco"; "ping"; "offline"; "posix";
+}}
+modules_disabled = {{ "s2s"; "tls"; }}
+authentication = "internal_plain"
+storage = "internal"
+c2s_require_encryption = false
+allow_unencrypted_plain_auth = true
+c2s_ports = {{ {c2s} }}
+c2s_interfaces = {{ "127.0.0.1" }}
+s2s_ports = {{ }}
+component_ports = {{ {comp} }}
+component_interfaces = {{ "127.0.0.1" }}
+http_ports = {{ }}
+https_ports = {{ }}
+
+VirtualHost "{user_domain}"
+VirtualHost "{other_domain}"
+
+Component "{component}"
+    component_secret = "{secret}"
+"""
+
+
+class Prosody(Proc):
+    name = "prosody"
+
+    def __init__(self, workdir, users=USERS, loglevel="info"):
+        super().__init__(workdir)
+        self.c2s_port = free_port()
+        self.component_port = free_port()
+        self.dir = os.path.join(workdir, "prosody")
+        self.data = os.path.join(self.dir, "data")
+        os.makedirs(self.data, exist_ok=True)
+        self.cfg = os.path.join(self.dir, "prosody.cfg.lua")
+        with open(self.cfg, "w") as f:
+            f.write(PROSODY_CFG.format(dir=self.dir, data=self.data, c2s=self.c2s_port,
+                                       comp=self.component_port, user_domain=USER_DOMAIN,
+                                       other_domain=OTHER_DOMAIN, component=COMPONENT,
+                                       secret=SECRET, loglevel=loglevel))
+        self.users = users
+        self._registered = False
+
+    def register_users(self):
+        # prosodyctl writes as user 'prosody'
+        subprocess.run(["chown", "-R", "prosody:prosody", self.dir], check=True)
+        for user, (domain, pw) in self.users.items():
+            r = subprocess.run(["prosodyctl", "--config", self.cfg, "register", user, domain, pw],
+                               capture_output=True, text=True, timeout=30)
+            if r.returncode != 0:
+                raise HarnessError("prosodyctl register %s@%s failed: %s%s" % (
+                    user, domain, r.stdout, r.stderr))
+        self._registered = True
+
+    def argv(self):
+        return ["prosody", "--config", self.cfg, "-F"]
+
+    def start(self, timeout=15):
+        if not self._registered:
+            self.register_users()
+        self._spawn()
+        wait_until(lambda: (self.check_alive("ports") or True)
+                   and port_open(self.c2s_port) and port_open(self.component_port),
+                   timeout, "prosody ports %d/%d" % (self.c2s_port, self.component_port))
+
+    def stop(self):
+        return self.term()
+
+    def restart(self):
+        self.stop()
+        self.start()
+
+    def log_text(self):
+        p = os.path.join(self.dir, "prosody.out")
+        return open(p).read() if os.path.exists(p) else ""
+
+
+class Receiptd(Proc):
+    name = "receiptd"
+
+    def __init__(self, workdir, binary, prosody, redis, delivery=None, extra=None):
+        super().__init__(workdir)
+        self.binary = binary
+        self.prosody = prosody
+        self.redis = redis
+        self.delivery = dict(DEFAULT_DELIVERY)
+        self.delivery.update({k: str(v) for k, v in (delivery or {}).items()})
+        self.extra = extra or {}
+        self.ini = os.path.join(workdir, "receiptd.ini")
+        self.write_ini()
+
+    def write_ini(self):
+        sections = {
+            "component": {
+                "jid": COMPONENT,
+                "secret": SECRET,
+                "server_host": "127.0.0.1",
+                "server_port": str(self.prosody.component_port),
+                "user_domains": USER_DOMAIN,
+            },
+            "redis": {"host": "127.0.0.1", "port": str(self.redis.port)},
+            "sqlite": {"path": os.path.join(self.workdir, "receiptd.sqlite3")},
+            "delivery": self.delivery,
+        }
+        for sec, kv in self.extra.items():
+            sections.setdefault(sec, {}).update(kv)
+        with open(self.ini, "w") as f:
+            for sec, kv in sections.items():
+                f.write("[%s]\n" % sec)
+                for k, v in kv.items():
+                    f.write("%s = %s\n" % (k, v))
+                f.write("\n")
+
+    def argv(self):
+        return [self.binary, "-c", self.ini]
+
+    def start(self, timeout=15, wait_store=True):
+        if not os.access(self.binary, os.X_OK):
+            raise HarnessError("receiptd binary %r not found/executable" % self.binary)
+        env = dict(os.environ)
+        self._spawn(env=env)
+        self.wait_ready(timeout, wait_store=wait_store)
+
+    def wait_ready(self, timeout=15, link_count=1, store_count=1, wait_store=True):
+        def ready():
+            self.check_alive("'link: authenticated' / 'store: connected'")
+            ok = self.count_in_log("link: authenticated") >= link_count
+            if wait_store:
+                ok = ok and self.count_in_log("store: connected") >= store_count
+            return ok
+        try:
+            wait_until(ready, timeout, "receiptd log lines")
+        except HarnessError as e:
+            raise HarnessError("%s; receiptd log %s:\n%s" % (e, self.log, tail(self.log)))
+
+    def wait_log(self, needle, count=1, timeout=15):
+        try:
+            wait_until(lambda: (self.check_alive(needle) or True)
+                       and self.count_in_log(needle) >= count, timeout, "receiptd log %r x%d" % (needle, count))
+        except HarnessError as e:
+            raise HarnessError("%s; receiptd log %s:\n%s" % (e, self.log, tail(self.log)))
+
+    def restart(self, timeout=15):
+        code = self.term()
+        if code != 0:
+            raise HarnessError("receiptd exited with %s on SIGTERM (expected 0)" % code)
+        self.start(timeout)
+
+
+def find_receiptd(explicit=None):
+    cands = [explicit, os.environ.get("RECEIPTD"),
+             os.path.join(REPO, "build", "component", "receiptd")]
+    for c in cands:
+        if c:
+            return os.path.abspath(c)
+    return None
+
+
+class Stack:
+    """Redis + Prosody + receiptd in one temp dir. Use as a context manager."""
+
+    def __init__(self, receiptd=None, delivery=None, extra=None, start_receiptd=True, keep=None,
+                 prosody_loglevel="info"):
+        self.binary = find_receiptd(receiptd)
+        self.delivery = delivery
+        self.extra = extra
+        self.start_receiptd_flag = start_receiptd
+        self.keep = keep if keep is not None else bool(os.environ.get("E2E_KEEP"))
+        self.prosody_loglevel = prosody_loglevel
+        self.tmp = None
+        self.redis = self.prosody = self.receiptd = None
+        self.failed = False
+
+    def __enter__(self):
+        self.tmp = tempfile.mkdtemp(prefix="receiptd-e2e-")
+        os.chmod(self.tmp, 0o755)
+        try:
+            self.redis = Redis(self.tmp)
+            self.prosody = Prosody(self.tmp, loglevel=self.prosody_loglevel)
+            self.receiptd = Receiptd(self.tmp, self.binary, self.prosody, self.redis,
+                                     self.delivery, self.extra)
+            self.redis.start()
+            self.prosody.start()
+            if self.start_receiptd_flag:
+                self.receiptd.start()
+        except BaseException:
+            self.failed = True
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, et, ev, tb):
+        if et is not None:
+            self.failed = True
+        self.close()
+        return False
+
+    @property
+    def c2s_port(self):
+        return self.prosody.c2s_port
+
+    def stop_receiptd_checked(self):
+        """SIGTERM receiptd; raises if the exit code is not 0."""
+        code = self.receiptd.term()
+        if code not in (None, 0):
+            raise HarnessError("receiptd exited with code %s on SIGTERM (expected 0); log:\n%s"
+                               % (code, tail(self.receiptd.log)))
+
+    def dump_logs(self, out=sys.stderr):
+        for p in (self.receiptd, self.prosody, self.redis):
+            if p is None:
+                continue
+            for path in p.logs:
+                out.write("\n===== %s =====\n%s\n" % (path, tail(path, 20000)))
+        if self.prosody is not None:
+            path = os.path.join(self.prosody.dir, "prosody.out")
+            out.write("\n===== %s =====\n%s\n" % (path, tail(path, 8000)))
+
+    def close(self):
+        for p in (self.receiptd, self.prosody, self.redis):
+            if p is not None:
+                p.cleanup()
+        if self.failed:
+            self.dump_logs()
+        if self.tmp and not self.keep:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        elif self.tmp:
+            sys.stderr.write("kept temp dir %s\n" % self.tmp)
+
+
+# ---------------------------------------------------------------- demo mode
+
+def demo(args):
+    binary = find_receiptd(args.receiptd)
+    delivery = {}
+    if args.retry_interval:
+        delivery["retry_interval"] = args.retry_interval
+    if args.delivery_window:
+        delivery["delivery_window"] = args.delivery_window
+    tmp = tempfile.mkdtemp(prefix="receiptd-demo-")
+    os.chmod(tmp, 0o755)
+    redis = Redis(tmp)
+    prosody = Prosody(tmp)
+    rd = Receiptd(tmp, binary, prosody, redis, delivery)
+    stopping = {"flag": False}
+
+    def on_signal(signum, frame):
+        stopping["flag"] = True
+        if rd.popen is not None and rd.popen.poll() is None:
+            rd.popen.send_signal(signal.SIGTERM)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    code = 0
+    try:
+        if not os.access(binary, os.X_OK):
+            raise HarnessError("receiptd binary %r not found (build it: meson setup build && ninja -C build)" % binary)
+        redis.start()
+        prosody.start()
+        users = "\n".join("    %-22s password: %s" % ("%s@%s" % (u, d), pw)
+                          for u, (d, pw) in USERS.items())
+        print("""
+receiptd demo stack (temp dir %(tmp)s)
+  Redis            127.0.0.1:%(redis)d  (AOF, appendfsync always)
+  Prosody c2s      127.0.0.1:%(c2s)d  (no TLS, PLAIN auth allowed)
+  Prosody component port 127.0.0.1:%(comp)d  <- receiptd connects here as %(comp_jid)s
+  receiptd config  %(ini)s
+
+Demo accounts (users of %(dom)s are served by receiptd; %(other)s is not):
+%(users)s
+
+Connect an XMPP client to host 127.0.0.1 port %(c2s)d, without TLS, e.g. as alice@%(dom)s.
+  1. Announce yourself to the component:  <presence to='%(comp_jid)s'/>
+     (or subscribe to %(comp_jid)s; receiptd approves and subscribes back)
+  2. To message bob@%(dom)s through receiptd, address the XEP-0106 escaped JID
+         bob\\40%(dom)s@%(comp_jid)s
+     and add <request xmlns='urn:xmpp:receipts'/> (with a message id) to get a
+     <stored xmlns='urn:receiptd:0'/> ack and bob's <received/> receipt back.
+  3. Offline messages: <iq type='get' to='%(comp_jid)s'><summary xmlns='urn:receiptd:0'/></iq>
+     and <fetch xmlns='urn:receiptd:0' max='10'/>; ack with <ack xmlns='urn:receiptd:0'><item id='S'/></ack>.
+  See proto/PROTOCOL.md. Ctrl-C stops everything.
+
+receiptd log follows:
+""" % dict(tmp=tmp, redis=redis.port, c2s=prosody.c2s_port, comp=prosody.component_port,
+           comp_jid=COMPONENT, ini=rd.ini, dom=USER_DOMAIN, other=OTHER_DOMAIN, users=users))
+        sys.stdout.flush()
+        # receiptd in the foreground: its stderr goes straight to the terminal
+        rd.popen = subprocess.Popen(rd.argv(), stdin=subprocess.DEVNULL)
+        while not stopping["flag"]:
+            if rd.popen.poll() is not None:
+                print("receiptd exited with code %s" % rd.popen.returncode, file=sys.stderr)
+                code = rd.popen.returncode or 1
+                break
+            if not prosody.alive() or not redis.alive():
+                print("prosody or redis died; stopping (see %s)" % tmp, file=sys.stderr)
+                code = 1
+                break
+            time.sleep(0.2)
+        if rd.popen is not None and rd.popen.poll() is None:
+            rd.popen.send_signal(signal.SIGTERM)
+        if rd.popen is not None:
+            try:
+                rd.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                rd.popen.kill()
+                rd.popen.wait()
+            if stopping["flag"]:
+                print("receiptd exited with code %s" % rd.popen.returncode)
+    except HarnessError as e:
+        print("demo: %s" % e, file=sys.stderr)
+        code = 1
+    finally:
+        rd.cleanup()
+        prosody.cleanup()
+        redis.cleanup()
+        if args.keep:
+            print("kept %s" % tmp)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return code
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("demo", help="run Redis + Prosody + receiptd on loopback with demo users")
+    d.add_argument("--receiptd", help="path of the receiptd binary (default: $RECEIPTD or build/component/receiptd)")
+    d.add_argument("--retry-interval", help="override [delivery] retry_interval")
+    d.add_argument("--delivery-window", help="override [delivery] delivery_window")
+    d.add_argument("--keep", action="store_true", help="keep the temp dir at exit")
+    args = ap.parse_args(argv)
+    if args.cmd == "demo":
+        return demo(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

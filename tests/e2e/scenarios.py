@@ -1,0 +1,699 @@
+"""End-to-end scenarios for receiptd (see proto/PROTOCOL.md for the contract).
+
+Each scenario is `async def name(t)` registered with @scenario(...); `t` is a Ctx giving access to
+the process stack (t.stack) and creating connected clients (await t.client('alice')).
+A scenario fails by raising AssertionError (use t.check / t.eq); every check prints what it saw.
+"""
+
+import asyncio
+import datetime
+import time
+import xml.etree.ElementTree as ET
+
+from harness import COMPONENT, USER_DOMAIN, OTHER_DOMAIN, USERS, HarnessError
+import xclient
+from xclient import (Client, NS_RD, NS_RECEIPTS, NS_SID, NS_FORWARD, NS_DELAY, NS_CLIENT, NS_PING,
+                     NS_DISCO_INFO, q, find, error_condition, xml_str, relay_jid, sid_seq,
+                     forwarded_message, forwarded_sid, Timeout)
+
+SCENARIOS = {}
+
+
+class Scenario:
+    def __init__(self, name, func, delivery, doc, timeout):
+        self.name = name
+        self.func = func
+        self.delivery = delivery or {}
+        self.doc = (doc or "").strip().splitlines()[0] if doc else ""
+        self.timeout = timeout
+
+
+def scenario(name, delivery=None, timeout=60):
+    def deco(f):
+        SCENARIOS[name] = Scenario(name, f, delivery, f.__doc__, timeout)
+        return f
+    return deco
+
+
+def names():
+    return list(SCENARIOS)
+
+
+class Ctx:
+    def __init__(self, stack, verbose=False):
+        self.stack = stack
+        self.clients = []
+        self.verbose = verbose
+        self.t0 = time.monotonic()
+
+    def say(self, fmt, *args):
+        print("[%6.2fs] %s" % (time.monotonic() - self.t0, fmt % args if args else fmt), flush=True)
+
+    async def client(self, user, announce=True, auto_receipts=False, initial_presence=True,
+                     resource=None):
+        domain, pw = USERS[user]
+        jid = "%s@%s" % (user, domain) + ("/" + resource if resource else "")
+        c = Client(jid, pw, self.stack.c2s_port, auto_receipts=auto_receipts)
+        self.clients.append(c)
+        await c.start(initial_presence=initial_presence)
+        if announce:
+            await self.announce(c)
+        return c
+
+    async def announce(self, c):
+        c.announce()
+        # round trip to the component so the presence has been processed before we go on
+        await c.iq("get", "<ping xmlns='%s'/>" % NS_PING)
+        await asyncio.sleep(0.2)
+
+    async def close_clients(self):
+        for c in self.clients:
+            try:
+                await c.stop()
+            except Exception:
+                pass
+
+    async def sync(self, fn, *args):
+        """Run a blocking harness call (process restart etc.) without blocking the event loop."""
+        return await asyncio.to_thread(fn, *args)
+
+    # -- assertions
+    def check(self, cond, msg, *args):
+        if not cond:
+            raise AssertionError(msg % args if args else msg)
+
+    def eq(self, got, want, what):
+        if got != want:
+            raise AssertionError("%s: expected %r, got %r" % (what, want, got))
+
+
+def bare(user):
+    return "%s@%s" % (user, USERS[user][0])
+
+
+def rj(user):
+    return relay_jid(bare(user))
+
+
+def parse_stamp(s, what):
+    if not s:
+        raise AssertionError("%s: missing XEP-0082 stamp" % what)
+    try:
+        return datetime.datetime.fromisoformat(s.replace("Z", "+00:00"))
+    except ValueError:
+        raise AssertionError("%s: %r is not a XEP-0082 date-time" % (what, s))
+
+
+def stored_sid(t, m, mid, sender_user_domain_bare_rcpt):
+    """Validate a <stored/> message and return its stanza-id."""
+    st = find(m, NS_RD, "stored")
+    t.check(st is not None, "no <stored/> in %s", xml_str(m))
+    t.eq(st.get("id"), mid, "<stored/> id")
+    sid = st.get("stanza-id")
+    sid_seq(sid)
+    t.eq(m["type"], "headline", "type of the <stored/> message (%s)" % xml_str(m))
+    t.eq(str(m["from"]), relay_jid(sender_user_domain_bare_rcpt), "from of <stored/> (%s)" % xml_str(m))
+    return sid
+
+
+async def send_stored(t, c, rcpt_user, mid, body="hello", **kw):
+    c.send_msg(bare(rcpt_user), body=body, mid=mid, request=True, **kw)
+    m = await c.wait_stored_or_error(mid, timeout=5)
+    if m["type"] == "error":
+        raise AssertionError("expected <stored/> for %s, got error %s: %s" % (
+            mid, error_condition(m), xml_str(m)))
+    return stored_sid(t, m, mid, bare(rcpt_user))
+
+
+async def expect_error(t, c, mid, cond, etype=None, timeout=5, what=""):
+    def pred(m):
+        return m["type"] == "error" and (mid is None or m["id"] == mid)
+    m = await c.wait_msg(pred, timeout, "message error (%s) for id %r %s" % (cond, mid, what))
+    et, ec, text = error_condition(m)
+    t.check(ec == cond, "%s: expected error condition %s, got %s (type %s, text %r): %s",
+            what or mid, cond, ec, et, text, xml_str(m))
+    if etype:
+        t.check(et == etype, "%s: expected error type %s, got %s: %s", what or mid, etype, et, xml_str(m))
+    return m
+
+
+async def expect_iq_error(t, c, itype, payload, cond, etype=None):
+    kind, res = await c.iq(itype, payload)
+    t.check(kind == "error", "expected IQ error %s for %s, got result %s", cond, payload, xml_str(res))
+    et, ec, text = error_condition(res)
+    t.check(ec == cond, "expected IQ error %s for %s, got %s (type %s): %s", cond, payload, ec, et,
+            xml_str(res))
+    if etype:
+        t.check(et == etype, "expected IQ error type %s for %s, got %s: %s", etype, payload, et, xml_str(res))
+    return res
+
+
+def no_messages(t, c, pred, what):
+    got = [m for m in c.inbox if pred(m)]
+    t.check(not got, "%s: unexpected message(s):\n  %s", what, "\n  ".join(xml_str(m) for m in got))
+
+
+def is_push(m):
+    return m["type"] != "error" and find(m, NS_SID, "stanza-id") is not None
+
+
+def push_sid(m):
+    return find(m, NS_SID, "stanza-id").get("id")
+
+
+# ============================================================== scenarios
+
+@scenario("addressing")
+async def addressing(t):
+    """Relay addressing errors: jid-malformed, item-not-found, forbidden; a valid address works."""
+    alice = await t.client("alice")
+    bob = await t.client("bob")
+    eve = await t.client("eve", announce=False)
+
+    # positive control
+    sid = await send_stored(t, alice, "bob", "ok-1")
+    t.say("valid address stored as %s", sid)
+    await bob.wait_push("ok-1")
+
+    for i, node in enumerate([r"\40localhost", "bob\\40", r"bob\40\40localhost"]):
+        mid = "malformed-%d" % i
+        alice.send_msg(None, mid=mid, raw_to="%s@%s" % (node, COMPONENT))
+        await expect_error(t, alice, mid, "jid-malformed", "modify", what="node %r" % node)
+        t.say("node %r -> jid-malformed", node)
+
+    for i, rcpt in enumerate(["carol@" + OTHER_DOMAIN, "x@nowhere.example"]):
+        mid = "foreign-%d" % i
+        alice.send_msg(rcpt, mid=mid)
+        await expect_error(t, alice, mid, "item-not-found", "cancel", what="recipient %s" % rcpt)
+        t.say("recipient %s -> item-not-found", rcpt)
+
+    eve.send_msg(bare("bob"), mid="from-eve")
+    await expect_error(t, eve, "from-eve", "forbidden", what="sender eve@" + OTHER_DOMAIN)
+    t.say("sender from %s -> forbidden", OTHER_DOMAIN)
+
+    await asyncio.sleep(0.5)
+    no_messages(t, bob, lambda m: True, "bob after rejected messages")
+    no_messages(t, alice, lambda m: find(m, NS_RD, "stored") is not None, "alice <stored/> for rejected messages")
+
+
+@scenario("stored")
+async def stored(t):
+    """<stored/> ack with a well-formed, increasing stanza-id; goes to the sending full JID even unannounced."""
+    alice = await t.client("alice")
+    s1 = await send_stored(t, alice, "bob", "st-1")
+    s2 = await send_stored(t, alice, "bob", "st-2")
+    t.say("stanza-ids %s %s", s1, s2)
+    t.check(s1 != s2, "two messages got the same stanza-id %s", s1)
+    t.check(sid_seq(s2) > sid_seq(s1), "stanza-ids do not sort by arrival: %s then %s", s1, s2)
+    # second resource of alice that never announced itself still gets its <stored/>
+    alice2 = await t.client("alice", announce=False, resource="second")
+    s3 = await send_stored(t, alice2, "bob", "st-3")
+    t.check(sid_seq(s3) > sid_seq(s2), "stanza-ids do not sort by arrival: %s then %s", s2, s3)
+    await asyncio.sleep(0.3)
+    no_messages(t, alice, lambda m: find(m, NS_RD, "stored") is not None,
+                "the other resource of alice got a <stored/> for st-3")
+
+
+@scenario("dedupe")
+async def dedupe(t):
+    """Same (sender bare JID, id) again -> same <stored/>, stored/delivered once."""
+    alice = await t.client("alice")
+    s1 = await send_stored(t, alice, "bob", "dup-1", body="first")
+    s1b = await send_stored(t, alice, "bob", "dup-1", body="second copy")
+    t.eq(s1b, s1, "stanza-id of the duplicate")
+    alice2 = await t.client("alice", announce=False, resource="other")
+    s1c = await send_stored(t, alice2, "bob", "dup-1", body="third copy")
+    t.eq(s1c, s1, "stanza-id of the duplicate from another resource of the same bare JID")
+    carol = await t.client("carol")
+    s2 = await send_stored(t, carol, "bob", "dup-1", body="carol")
+    t.check(s2 != s1, "same id from another sender was deduplicated against alice's (%s)", s2)
+
+    bob = await t.client("bob", announce=False)
+    n = await bob.count()
+    t.eq(n, 2, "bob's offline count (alice's dup-1 once + carol's)")
+    items = await bob.fetch_all()
+    t.eq(sorted(s for s, _ in items), sorted([s1, s2]), "stanza-ids in bob's queue")
+
+    # live: bob online, the same id sent twice quickly -> one push
+    await t.announce(bob)
+    bob.auto_receipts = True
+    alice.send_msg(bare("bob"), mid="dup-live", request=True)
+    alice.send_msg(bare("bob"), mid="dup-live", request=True)
+    a = await alice.wait_stored("dup-live")
+    b = await alice.wait_stored("dup-live")
+    t.eq(find(a, NS_RD, "stored").get("stanza-id"), find(b, NS_RD, "stored").get("stanza-id"),
+         "stanza-id of live duplicate")
+    await bob.wait_push("dup-live")
+    extra = await bob.collect(lambda m: is_push(m) and m["id"] == "dup-live", 1.0)
+    t.check(not extra, "duplicate was pushed again: %s", [xml_str(m) for m in extra])
+
+
+@scenario("live", delivery={"retry_interval": 0.5, "delivery_window": 5})
+async def live(t):
+    """Live delivery to every announced resource with request + stanza-id; receipt relayed to the sender."""
+    alice = await t.client("alice")
+    bob = await t.client("bob", resource="phone")
+    bob2 = await t.client("bob", resource="laptop")
+    extra = "<x xmlns='urn:example:e2e'><y a='1'>payload</y></x>"
+    sid = await send_stored(t, alice, "bob", "live-1", body="hi bob", extra=[extra])
+    for c in (bob, bob2):
+        m = await c.wait_push("live-1")
+        t.say("%s got %s", c.boundjid, xml_str(m))
+        t.eq(str(m["from"]), rj("alice"), "from of the push")
+        t.eq(str(m["to"]), str(c.boundjid), "to of the push (the full JID)")
+        t.eq(m["type"], "chat", "type of the push")
+        t.eq(m["body"], "hi bob", "body of the push")
+        x = m.xml.find("{urn:example:e2e}x")
+        t.check(x is not None and x.find("{urn:example:e2e}y") is not None
+                and x.find("{urn:example:e2e}y").text == "payload", "custom child not kept: %s", xml_str(m))
+        t.check(find(m, NS_RECEIPTS, "request") is not None, "push without <request/>: %s", xml_str(m))
+        si = find(m, NS_SID, "stanza-id")
+        t.eq(si.get("id"), sid, "stanza-id of the push")
+        t.eq(si.get("by"), COMPONENT, "stanza-id 'by'")
+    bob.send_receipt(m, to=rj("alice"))
+    r = await alice.wait_receipt("live-1")
+    t.eq(str(r["from"]), rj("bob"), "from of the relayed receipt")
+    t.say("alice got receipt %s", xml_str(r))
+    # acked: no more retransmissions, nothing left for bob
+    await bob.collect(lambda m: True, 0.3)
+    await bob2.collect(lambda m: True, 0.3)
+    again = await bob.collect(lambda m: is_push(m) and m["id"] == "live-1", 1.5)
+    again += await bob2.collect(lambda m: is_push(m) and m["id"] == "live-1", 0)
+    t.check(not again, "retransmitted after the receipt: %s", [xml_str(m) for m in again])
+    t.eq(await bob.count(), 0, "bob's offline count after the receipt")
+
+    # type normal kept as well
+    alice.send_msg(bare("bob"), mid="live-2", body="normal", mtype="normal", request=True)
+    await alice.wait_stored("live-2")
+    m = await bob.wait_push("live-2")
+    t.check(m.xml.get("type") in (None, "normal"), "type normal not kept: %s", xml_str(m))
+    bob.send_receipt(m, to=rj("alice"))
+    await alice.wait_receipt("live-2")
+
+
+@scenario("retransmit", delivery={"retry_interval": 0.5, "delivery_window": 2})
+async def retransmit(t):
+    """An announced recipient that never acks gets retransmissions, then the message is in its offline queue."""
+    alice = await t.client("alice")
+    bob = await t.client("bob")
+    sid = await send_stored(t, alice, "bob", "rt-1")
+    first = await bob.wait_push("rt-1")
+    t0 = time.monotonic()
+    pushes = [first] + await bob.collect(lambda m: is_push(m) and m["id"] == "rt-1", 3.0)
+    t.say("%d pushes of rt-1 in the first ~3 s", len(pushes))
+    t.check(len(pushes) >= 3, "expected >= 3 pushes (retry 0.5 s, window 2 s), got %d", len(pushes))
+    t.check(len(pushes) <= 7, "too many pushes for retry 0.5 s / window 2 s: %d", len(pushes))
+    for m in pushes:
+        t.eq(push_sid(m), sid, "stanza-id of retransmission")
+    late = await bob.collect(lambda m: is_push(m) and m["id"] == "rt-1", 1.5)
+    t.check(not late, "still retransmitting %.1f s after the window: %s", time.monotonic() - t0,
+            [xml_str(m) for m in late])
+    t.eq(await bob.count(), 1, "bob's offline count after the window")
+    items = await bob.fetch_all()
+    t.eq([s for s, _ in items], [sid], "stanza-ids in bob's queue")
+    await bob.ack([sid])
+    await alice.wait_receipt("rt-1")
+    t.eq(await bob.count(), 0, "bob's offline count after ack")
+
+
+@scenario("offline-login")
+async def offline_login(t):
+    """A recipient offline all along gets NOTHING from the server at login; all is in its queue."""
+    alice = await t.client("alice")
+    ids = ["off-%d" % i for i in range(3)]
+    for mid in ids:
+        await send_stored(t, alice, "bob", mid)
+    alice.send_msg(bare("bob"), mid="off-noreq", request=False)
+    await asyncio.sleep(0.5)
+    bob = await t.client("bob", announce=False)   # initial broadcast presence: mod_offline would flood now
+    await asyncio.sleep(2.0)
+    t.check(not bob.all_messages, "bob got messages at login (server offline store got copies?):\n  %s",
+            "\n  ".join(xml_str(m) for m in bob.all_messages))
+    n = await bob.count()
+    t.eq(n, 4, "bob's offline count (3 with request + 1 without)")
+    items = await bob.fetch_all()
+    got_ids = sorted(forwarded_message(f).get("id") for _, f in items)
+    t.eq(got_ids, sorted(ids + ["off-noreq"]), "ids in bob's queue")
+
+
+@scenario("norequest", delivery={"retry_interval": 0.5, "delivery_window": 2})
+async def norequest(t):
+    """Without <request/>: no <stored/>, pushed once when online, else queued; no receipt relay."""
+    alice = await t.client("alice")
+    bob = await t.client("bob")
+    alice.send_msg(bare("bob"), mid="nr-1", request=False)
+    m = await bob.wait_push("nr-1")
+    more = await bob.collect(lambda m: is_push(m) and m["id"] == "nr-1", 1.5)
+    t.check(not more, "message without request was retransmitted: %s", [xml_str(x) for x in more])
+    no_messages(t, alice, lambda m: find(m, NS_RD, "stored") is not None, "alice got <stored/> without request")
+    bob.send_receipt(m, to=rj("alice"))
+    await asyncio.sleep(0.7)
+    no_messages(t, alice, lambda m: find(m, NS_RECEIPTS, "received") is not None,
+                "receipt relayed for a message without request")
+    t.eq(await bob.count(), 0, "bob's queue after a live push without request")
+    # offline recipient: queued
+    carol = await t.client("carol", announce=False)
+    alice.send_msg(bare("carol"), mid="nr-2", request=False)
+    await asyncio.sleep(1.0)
+    no_messages(t, carol, lambda m: True, "carol (not announced) got a push")
+    t.eq(await carol.count(), 1, "carol's queue")
+    items = await carol.fetch_all()
+    t.eq([forwarded_message(f).get("id") for _, f in items], ["nr-2"], "ids in carol's queue")
+
+
+@scenario("paging")
+async def paging(t):
+    """25 offline messages: summary 25, fetch 10/10/5, ack all, summary 0, sender holds 25 receipts."""
+    alice = await t.client("alice", announce=False)   # sender never announces
+    ids = ["pg-%02d" % i for i in range(25)]
+    for mid in ids:
+        alice.send_msg(bare("bob"), mid=mid, body="body of %s" % mid)
+    sids = {}
+    for mid in ids:
+        m = await alice.wait_stored_or_error(mid, timeout=10)
+        t.check(m["type"] != "error", "error for %s: %s", mid, xml_str(m))
+        sids[mid] = stored_sid(t, m, mid, bare("bob"))
+    order = [sids[mid] for mid in ids]
+    seqs = [sid_seq(s) for s in order]
+    t.check(seqs == sorted(seqs), "stanza-ids not increasing in send order: %s", order)
+
+    bob = await t.client("bob", announce=False)
+    s = await bob.summary()
+    t.say("summary %s", xml_str(s))
+    t.eq(int(s.get("count")), 25, "summary count")
+    t.check(int(s.get("bytes", "0")) > 0, "summary bytes not > 0: %s", xml_str(s))
+    o, n = parse_stamp(s.get("oldest"), "oldest"), parse_stamp(s.get("newest"), "newest")
+    t.check(o <= n, "oldest %s after newest %s", o, n)
+
+    got, after, pages = [], None, []
+    for want_n, want_complete in ((10, "false"), (10, "false"), (5, "true")):
+        b = await bob.fetch(10, after)
+        fw = b.findall(q(NS_FORWARD, "forwarded"))
+        pages.append(len(fw))
+        t.eq(len(fw), want_n, "page %d size" % len(pages))
+        t.eq(b.get("complete"), want_complete, "page %d complete" % len(pages))
+        for f in fw:
+            d = f.find(q(NS_DELAY, "delay"))
+            t.check(d is not None, "forwarded without <delay/>: %s", xml_str(f))
+            parse_stamp(d.get("stamp"), "delay stamp")
+            m = forwarded_message(f)
+            t.check(m is not None, "forwarded without a jabber:client <message/>: %s", xml_str(f))
+            t.eq(m.get("from"), str(alice.boundjid), "from of the forwarded message")
+            t.eq(m.get("to"), bare("bob"), "to of the forwarded message")
+            body = m.find(q(NS_CLIENT, "body"))
+            t.check(body is not None and body.text == "body of %s" % m.get("id"),
+                    "body not kept: %s", xml_str(f))
+            got.append((m.get("id"), forwarded_sid(f)))
+        t.eq(b.get("last"), got[-1][1], "page %d last" % len(pages))
+        after = b.get("last")
+    t.eq([g[0] for g in got], ids, "ids in fetch order")
+    t.eq([g[1] for g in got], order, "stanza-ids in fetch order")
+    # fetch never deletes
+    t.eq(await bob.count(), 25, "count after fetching")
+    await bob.ack(order)
+    s = await bob.summary()
+    t.eq(int(s.get("count")), 0, "summary count after ack")
+    t.check(s.get("oldest") is None and s.get("newest") is None, "stamps on an empty summary: %s", xml_str(s))
+    b = await bob.fetch(10)
+    t.eq(len(b.findall(q(NS_FORWARD, "forwarded"))), 0, "fetch after ack")
+    t.eq(b.get("complete"), "true", "complete of an empty fetch")
+
+    # the sender never announced: its 25 receipts are queued for it
+    await asyncio.sleep(0.5)
+    no_messages(t, alice, lambda m: find(m, NS_RECEIPTS, "received") is not None,
+                "receipts pushed to an unannounced sender")
+    t.eq(await alice.count(), 25, "alice's queue (receipts)")
+    items = await alice.fetch_all()
+    rids = []
+    for _, f in items:
+        m = forwarded_message(f)
+        r = m.find(q(NS_RECEIPTS, "received")) if m is not None else None
+        t.check(r is not None, "queued item for alice is not a receipt: %s", xml_str(f))
+        rids.append(r.get("id"))
+    t.eq(sorted(rids), ids, "receipt ids in alice's queue")
+
+
+@scenario("summary-ids", delivery={"fetch_max": 5})
+async def summary_ids(t):
+    """summary ids='true' lists items oldest first, at most fetch_max, with bytes/stamp/from."""
+    alice = await t.client("alice")
+    carol = await t.client("carol")
+    sids = [await send_stored(t, alice, "bob", "si-%d" % i) for i in range(6)]
+    sids.append(await send_stored(t, carol, "bob", "si-carol"))
+    bob = await t.client("bob", announce=False)
+    s = await bob.summary(ids=False)
+    t.eq(len(list(s)), 0, "children of a summary without ids")
+    t.eq(int(s.get("count")), 7, "count")
+    s = await bob.summary(ids=True)
+    t.say("summary %s", xml_str(s))
+    t.eq(int(s.get("count")), 7, "count with ids")
+    items = s.findall(q(NS_RD, "item"))
+    t.eq(len(items), 5, "number of items (fetch_max=5)")
+    t.eq([i.get("id") for i in items], sids[:5], "item ids, oldest first")
+    for i in items:
+        t.eq(i.get("from"), bare("alice"), "item from")
+        t.check(int(i.get("bytes", "0")) > 0, "item bytes: %s", xml_str(i))
+        parse_stamp(i.get("stamp"), "item stamp")
+    total = sum(int(i.get("bytes")) for i in items)
+    t.check(int(s.get("bytes")) >= total, "summary bytes %s < sum of 5 item bytes %d", s.get("bytes"), total)
+    b = await bob.fetch(100)
+    n = len(b.findall(q(NS_FORWARD, "forwarded")))
+    t.check(n <= 5, "fetch max=100 returned %d items although fetch_max=5", n)
+    t.eq(b.get("complete"), "false", "complete when capped by fetch_max")
+
+
+@scenario("foreign-ack")
+async def foreign_ack(t):
+    """Another user's ack of my stanza-ids changes nothing."""
+    alice = await t.client("alice")
+    s1 = await send_stored(t, alice, "bob", "fa-1")
+    s2 = await send_stored(t, alice, "bob", "fa-2")
+    carol = await t.client("carol")
+    res = await carol.ack([s1, s2])
+    t.say("carol's ack answered %s", xml_str(res))
+    res = await alice.ack([s1, s2])   # the sender cannot ack the recipient's copy either
+    await asyncio.sleep(0.7)
+    no_messages(t, alice, lambda m: find(m, NS_RECEIPTS, "received") is not None,
+                "receipt relayed after a foreign ack")
+    bob = await t.client("bob", announce=False)
+    t.eq(await bob.count(), 2, "bob's count after carol's and alice's acks")
+    t.eq(sorted(s for s, _ in await bob.fetch_all()), sorted([s1, s2]), "bob's queue")
+    await bob.ack([s1])
+    await alice.wait_receipt("fa-1")
+    t.eq(await bob.count(), 1, "bob's count after his own ack")
+
+
+@scenario("ack-relay")
+async def ack_relay(t):
+    """Ack IQ returns an empty result, clears the ids and relays <received/> to the online sender."""
+    alice = await t.client("alice")
+    s1 = await send_stored(t, alice, "bob", "ar-1")
+    s2 = await send_stored(t, alice, "bob", "ar-2")
+    bob = await t.client("bob", announce=False)
+    items = await bob.fetch_all()
+    t.eq(sorted(s for s, _ in items), sorted([s1, s2]), "bob's queue")
+    res = await bob.ack([s1, s2, "999999-deadbeef"])
+    t.eq(len(list(res.xml)), 0, "children of the ack result (%s)" % xml_str(res))
+    for mid in ("ar-1", "ar-2"):
+        r = await alice.wait_receipt(mid)
+        t.eq(str(r["from"]), rj("bob"), "from of the relayed receipt")
+    t.eq(await bob.count(), 0, "bob's count after ack")
+
+
+@scenario("errors", delivery={"max_stanza_bytes": 4096})
+async def errors(t):
+    """service-unavailable, bad-request (fetch max, request without id), policy-violation (oversize)."""
+    alice = await t.client("alice")
+    await expect_iq_error(t, alice, "get", "<bogus xmlns='urn:example:nothing'/>", "service-unavailable")
+    await expect_iq_error(t, alice, "set", "<bogus xmlns='urn:example:nothing'/>", "service-unavailable")
+    await expect_iq_error(t, alice, "get", "<fetch xmlns='%s' max='abc'/>" % NS_RD, "bad-request")
+    await expect_iq_error(t, alice, "get", "<fetch xmlns='%s' max='-3'/>" % NS_RD, "bad-request")
+    t.say("IQ errors ok")
+    # request without id
+    m = alice.make_message(mto=rj("bob"), mbody="no id", mtype="chat")
+    del m["id"]
+    m.append(ET.Element(q(NS_RECEIPTS, "request")))
+    m.send()
+    await expect_error(t, alice, None, "bad-request", what="request without id")
+    t.say("request without id -> bad-request")
+    # oversize
+    alice.send_msg(bare("bob"), mid="big-1", body="x" * 8000)
+    await expect_error(t, alice, "big-1", "policy-violation", what="8000-byte stanza, max_stanza_bytes=4096")
+    t.say("oversize -> policy-violation")
+    bob = await t.client("bob", announce=False)
+    t.eq(await bob.count(), 0, "bob's queue after rejected messages")
+    # a normal message still works
+    await send_stored(t, alice, "bob", "small-1")
+
+
+@scenario("quota", delivery={"max_offline_messages": 3})
+async def quota(t):
+    """Full offline queue -> resource-constraint (type wait) to the sender, nothing stored."""
+    alice = await t.client("alice")
+    sids = [await send_stored(t, alice, "bob", "qt-%d" % i) for i in range(3)]
+    alice.send_msg(bare("bob"), mid="qt-3")
+    await expect_error(t, alice, "qt-3", "resource-constraint", "wait", what="4th message, quota 3")
+    no_messages(t, alice, lambda m: find(m, NS_RD, "stored") is not None, "<stored/> for a rejected message")
+    bob = await t.client("bob", announce=False)
+    t.eq(await bob.count(), 3, "bob's queue at quota")
+    await bob.ack(sids[:1])
+    await alice.wait_receipt("qt-0")
+    await send_stored(t, alice, "bob", "qt-3")   # retry of the same id after room was made
+    t.eq(await bob.count(), 3, "bob's queue after ack + retry")
+
+
+@scenario("ping-disco")
+async def ping_disco(t):
+    """XEP-0199 ping and disco#info at the component."""
+    alice = await t.client("alice", announce=False)
+    res = await alice.iq_ok("get", "<ping xmlns='%s'/>" % NS_PING)
+    t.eq(res["type"], "result", "ping")
+    res = await alice.iq_ok("get", "<query xmlns='%s'/>" % NS_DISCO_INFO)
+    qel = find(res, NS_DISCO_INFO, "query")
+    t.check(qel is not None, "disco#info result without query: %s", xml_str(res))
+    idents = qel.findall(q(NS_DISCO_INFO, "identity"))
+    feats = [f.get("var") for f in qel.findall(q(NS_DISCO_INFO, "feature"))]
+    t.say("disco#info %s", xml_str(qel))
+    t.check(idents, "disco#info without identity: %s", xml_str(res))
+    for f in (NS_DISCO_INFO, NS_PING):
+        t.check(f in feats, "feature %s not advertised (features %s)", f, feats)
+    if NS_RD not in feats:
+        t.say("note: %s not advertised in disco#info", NS_RD)
+
+
+@scenario("subscription")
+async def subscription(t):
+    """subscribe is approved and returned; mutual subscription makes the user online; unavailable ends it."""
+    bob = await t.client("bob", announce=False, initial_presence=False)
+    bob.send_presence(pto=COMPONENT, ptype="subscribe")
+    loop = asyncio.get_event_loop()
+    deadline = loop.time() + 5
+    while loop.time() < deadline:
+        types = [(str(p["from"]), p["type"]) for p in bob.presences]
+        if (COMPONENT, "subscribed") in types and (COMPONENT, "subscribe") in types:
+            break
+        await asyncio.sleep(0.1)
+    types = [(str(p["from"]), p["type"]) for p in bob.presences]
+    t.check((COMPONENT, "subscribed") in types, "no 'subscribed' from the component: %s", types)
+    t.check((COMPONENT, "subscribe") in types, "component did not subscribe back: %s", types)
+    await asyncio.sleep(0.5)   # slixmpp auto-approves the component's subscribe
+    bob.send_presence()        # broadcast available: reaches the component through the subscription
+    await bob.iq("get", "<ping xmlns='%s'/>" % NS_PING)
+    await asyncio.sleep(0.5)
+    alice = await t.client("alice")
+    await send_stored(t, alice, "bob", "sub-1")
+    m = await bob.wait_push("sub-1")
+    bob.send_receipt(m, to=rj("alice"))
+    await alice.wait_receipt("sub-1")
+    bob.send_presence(ptype="unavailable")
+    await asyncio.sleep(0.7)
+    await send_stored(t, alice, "bob", "sub-2")
+    await asyncio.sleep(0.7)
+    no_messages(t, bob, lambda m: is_push(m) and m["id"] == "sub-2", "push after broadcast unavailable")
+    t.eq(await bob.count(), 1, "bob's queue after going unavailable")
+
+
+@scenario("kill9")
+async def kill9(t):
+    """kill -9 of receiptd right after a <stored/>: after restart the message is fetchable, dedupe survives."""
+    alice = await t.client("alice")
+    sid = await send_stored(t, alice, "bob", "k9-1")
+    t.stack.receiptd.kill9()
+    t.say("receiptd killed right after <stored/> %s", sid)
+    # while no component is connected the server answers (Prosody: remote-server-timeout)
+    alice.send_msg(bare("bob"), mid="k9-down")
+    m = await alice.wait_error("k9-down", timeout=10)
+    t.say("while down: %s", error_condition(m))
+    await t.sync(t.stack.receiptd.start)
+    t.say("receiptd restarted")
+    await t.announce(alice)
+    bob = await t.client("bob", announce=False)
+    items = await bob.fetch_all()
+    t.eq([s for s, _ in items], [sid], "bob's queue after kill -9 + restart")
+    t.eq(await send_stored(t, alice, "bob", "k9-1"), sid, "stanza-id of a resend after restart (dedupe)")
+    s2 = await send_stored(t, alice, "bob", "k9-2")
+    t.check(sid_seq(s2) > sid_seq(sid), "stanza-id after restart does not sort after the old one: %s %s",
+            sid, s2)
+
+
+@scenario("redis-restart", timeout=90)
+async def redis_restart(t):
+    """Redis down: sender gets wait errors; receiptd reconnects by itself; nothing acknowledged is missing."""
+    alice = await t.client("alice")
+    acked = {}
+    for i in range(3):
+        mid = "rr-%d" % i
+        acked[mid] = await send_stored(t, alice, "bob", mid)
+    await t.sync(t.stack.redis.stop)
+    t.say("redis stopped")
+    alice.send_msg(bare("bob"), mid="rr-down")
+    m = await alice.wait_stored_or_error("rr-down", timeout=15)
+    t.check(m["type"] == "error", "got <stored/> while Redis was down: %s", xml_str(m))
+    et, ec, text = error_condition(m)
+    t.say("while down: type=%s condition=%s text=%r", et, ec, text)
+    t.eq(et, "wait", "error type while Redis is down")
+    t.eq(ec, "internal-server-error", "error condition while Redis is down")
+    await t.sync(t.stack.redis.start)
+    t.say("redis started again")
+    # receiptd reconnects by itself; the client retries the same id until stored
+    loop = asyncio.get_event_loop()
+    deadline = loop.time() + 20
+    while True:
+        alice.send_msg(bare("bob"), mid="rr-down")
+        m = await alice.wait_stored_or_error("rr-down", timeout=10)
+        if m["type"] != "error":
+            acked["rr-down"] = stored_sid(t, m, "rr-down", bare("bob"))
+            break
+        t.check(loop.time() < deadline, "still errors 20 s after Redis came back: %s", xml_str(m))
+        await asyncio.sleep(0.5)
+    t.say("stored again after reconnect: %s", acked["rr-down"])
+    t.check(t.stack.receiptd.alive(), "receiptd died")
+    for i in range(3, 5):
+        mid = "rr-%d" % i
+        acked[mid] = await send_stored(t, alice, "bob", mid)
+    bob = await t.client("bob", announce=False)
+    items = await bob.fetch_all()
+    have = {forwarded_message(f).get("id"): s for s, f in items}
+    missing = {k: v for k, v in acked.items() if have.get(k) != v}
+    t.check(not missing, "acknowledged messages missing after the Redis restart: %s (queue has %s)",
+            missing, have)
+
+
+@scenario("prosody-restart", delivery={"retry_interval": 0.5, "delivery_window": 2}, timeout=90)
+async def prosody_restart(t):
+    """Prosody restart: receiptd reconnects; clients reconnect and re-announce; nothing acknowledged is lost."""
+    alice = await t.client("alice")
+    bob = await t.client("bob", auto_receipts=True)
+    acked = {}
+    acked["pr-0"] = await send_stored(t, alice, "bob", "pr-0")
+    await bob.wait_push("pr-0")
+    await alice.wait_receipt("pr-0")
+    # a message that bob will not ack before the restart
+    bob.auto_receipts = False
+    acked["pr-1"] = await send_stored(t, alice, "bob", "pr-1")
+    await bob.wait_push("pr-1")
+    before_restart = len(bob.all_messages)
+    links = t.stack.receiptd.count_in_log("link: authenticated")
+    await t.sync(t.stack.prosody.restart)
+    t.say("prosody restarted")
+    await t.sync(t.stack.receiptd.wait_log, "link: authenticated", links + 1, 20)
+    t.say("receiptd re-authenticated")
+    await alice.reconnect_until()
+    await t.announce(alice)
+    acked["pr-2"] = await send_stored(t, alice, "bob", "pr-2")   # bob not back yet
+    bob.auto_receipts = True
+    await bob.reconnect_until()
+    await t.announce(bob)
+    acked["pr-3"] = await send_stored(t, alice, "bob", "pr-3")
+    m = await bob.wait_push("pr-3", timeout=5)
+    await alice.wait_receipt("pr-3")
+    await asyncio.sleep(2.5)    # let windows expire for anything pushed to the old sessions
+    pushed = {m["id"] for m in bob.all_messages if is_push(m)}
+    items = await bob.fetch_all()
+    queued = {forwarded_message(f).get("id") for _, f in items}
+    t.say("pushed to bob: %s; queued for bob: %s", sorted(pushed), sorted(queued))
+    missing = [mid for mid in acked if mid not in pushed and mid not in queued]
+    t.check(not missing, "acknowledged messages neither pushed nor queued: %s", missing)
+    repushed = {m["id"] for m in bob.all_messages[before_restart:] if is_push(m)}
+    t.check("pr-1" in queued or "pr-1" in repushed,
+            "pr-1 (pushed before the restart, never acked) neither queued nor pushed again")
