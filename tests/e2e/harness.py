@@ -409,7 +409,7 @@ class Stack:
         self.extra = extra
         self.start_receiptd_flag = start_receiptd
         self.keep = keep if keep is not None else bool(os.environ.get("E2E_KEEP"))
-        self.prosody_loglevel = prosody_loglevel
+        self.prosody_loglevel = os.environ.get("E2E_PROSODY_LOG", prosody_loglevel)
         self.tmp = None
         self.redis = self.prosody = self.receiptd = None
         self.failed = False

@@ -1,0 +1,274 @@
+/* storage/ against a real redis-server (tests/unit/with-redis.sh starts one and sets
+ * REDIS_PORT). Each step runs the loop until its callback has run. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "blob.h"
+#include "check.h"
+#include "store.h"
+
+static uv_loop_t loop;
+static store_t *st;
+static int done;
+static int connected;
+
+static void run_until_done(void)
+{
+    done = 0;
+    while (!done)
+        uv_run(&loop, UV_RUN_ONCE);
+}
+
+static void on_state(void *ud, int c, const char *err)
+{
+    (void)ud;
+    (void)err;
+    connected = c;
+    done = 1;
+}
+
+/* ---- captured results ---- */
+static store_put_result_t put_res;
+static char put_sid[64], put_res0[64];
+static int put_err;
+
+static void on_put(void *ud, int err, const store_put_result_t *r)
+{
+    (void)ud;
+    put_err = err;
+    if (!err) {
+        put_res = *r;
+        snprintf(put_sid, sizeof put_sid, "%s", r->sid);
+        snprintf(put_res0, sizeof put_res0, "%s", r->nresources ? r->resources[0] : "");
+        put_res.sid = put_sid;
+        put_res.resources = NULL;
+    }
+    done = 1;
+}
+
+static int put(const char *user, const char *sender, const char *id, bool track, uint64_t max_n,
+               int64_t now, const char *epoch)
+{
+    proto_buf_t b;
+    proto_buf_init(&b);
+    store_blob_encode(&b, now, track ? STORE_BLOB_RECEIPT : 0, "alice@t1/phone", "chat", id,
+                      "<body>x</body>", 14);
+    store_put_t req = {.user = user, .sender = sender, .orig_id = id, .blob = b.data,
+                       .blob_len = b.len, .track = track, .now_ms = now, .retry_ms = 100,
+                       .window_ms = 1000, .dedupe_s = 60, .max_messages = max_n,
+                       .max_bytes = 1 << 20, .epoch = epoch};
+    int rc = store_put_message(st, &req, on_put, NULL);
+    if (rc == 0)
+        run_until_done();
+    proto_buf_free(&b);
+    return rc;
+}
+
+static size_t items_n;
+static char items_sid[8][64];
+static bool fetch_complete;
+static uint64_t sum_count, sum_bytes;
+
+static void on_items(void *ud, int err, const store_item_t *items, size_t n)
+{
+    (void)ud;
+    items_n = err ? (size_t)-1 : n;
+    for (size_t i = 0; i < n && i < 8; i++)
+        snprintf(items_sid[i], sizeof items_sid[i], "%s", items[i].sid);
+    done = 1;
+}
+
+static void on_fetch(void *ud, int err, bool complete, const store_item_t *items, size_t n)
+{
+    fetch_complete = complete;
+    on_items(ud, err, items, n);
+}
+
+static void on_summary(void *ud, int err, uint64_t count, uint64_t bytes,
+                       const store_item_t ends[2], const store_item_t *items, size_t n)
+{
+    sum_count = count;
+    sum_bytes = bytes;
+    CHECK(err || count == 0 || (ends[0].blob_len > 0 && ends[1].blob_len > 0));
+    on_items(ud, err, items, n);
+}
+
+static size_t due_users, due_items;
+static void on_due(void *ud, int err, const store_due_t *due, size_t n)
+{
+    (void)ud;
+    due_users = err ? 999 : n;
+    due_items = 0;
+    for (size_t i = 0; i < n; i++)
+        due_items += due[i].nitems;
+    done = 1;
+}
+
+static void on_done(void *ud, int err)
+{
+    *(int *)ud = err;
+    done = 1;
+}
+
+static char epoch[32];
+static void on_epoch(void *ud, int err, const char *e)
+{
+    (void)ud;
+    snprintf(epoch, sizeof epoch, "%s", err ? "" : e);
+    done = 1;
+}
+
+static void test_offline_queue(void)
+{
+    const char *bob = "bob@t1", *alice = "alice@t1";
+    char sids[3][64];
+    for (int i = 0; i < 3; i++) {
+        char id[8];
+        snprintf(id, sizeof id, "m%d", i);
+        CHECK(put(bob, alice, id, true, 100, 1000 + i, "0") == 0);
+        CHECK(put_err == 0 && put_res.status == STORE_PUT_OFFLINE);
+        snprintf(sids[i], sizeof sids[i], "%s", put_sid);
+    }
+    CHECK(strncmp(sids[0], "1-", 2) == 0 && strncmp(sids[2], "3-", 2) == 0);
+    /* The same (sender, id) again: the first stanza id, nothing stored. */
+    CHECK(put(bob, alice, "m1", true, 100, 2000, "0") == 0);
+    CHECK(put_res.status == STORE_PUT_DUP);
+    CHECK_STR(put_sid, sids[1]);
+
+    CHECK(store_summary(st, bob, 10, on_summary, NULL) == 0);
+    run_until_done();
+    CHECK(sum_count == 3 && items_n == 3 && sum_bytes > 0);
+    CHECK_STR(items_sid[0], sids[0]);
+
+    CHECK(store_fetch(st, bob, 0, 2, 1 << 20, 0, on_fetch, NULL) == 0);
+    run_until_done();
+    CHECK(items_n == 2 && !fetch_complete);
+    CHECK(store_fetch(st, bob, 2, 2, 1 << 20, 0, on_fetch, NULL) == 0);
+    run_until_done();
+    CHECK(items_n == 1 && fetch_complete);
+    CHECK_STR(items_sid[0], sids[2]);
+    /* A byte budget smaller than one message still yields one, so a reader always advances. */
+    CHECK(store_fetch(st, bob, 0, 10, 1, 0, on_fetch, NULL) == 0);
+    run_until_done();
+    CHECK(items_n == 1 && !fetch_complete);
+
+    /* Quota: 3 queued, at most 3. */
+    CHECK(put(bob, alice, "m9", true, 3, 3000, "0") == 0);
+    CHECK(put_res.status == STORE_PUT_FULL);
+
+    /* Another user's ack of bob's ids clears nothing. */
+    const char *ack1[] = {sids[0]};
+    CHECK(store_ack_sids(st, "mallory@t1", ack1, 1, on_items, NULL) == 0);
+    run_until_done();
+    CHECK(items_n == 0);
+    CHECK(store_ack_sids(st, bob, ack1, 1, on_items, NULL) == 0);
+    run_until_done();
+    CHECK(items_n == 1);
+    /* Acks are idempotent. */
+    CHECK(store_ack_sids(st, bob, ack1, 1, on_items, NULL) == 0);
+    run_until_done();
+    CHECK(items_n == 0);
+    /* A <received/> finds the message by sender and original id. */
+    CHECK(store_ack_origin(st, bob, "alice@t1", "m1", on_items, NULL) == 0);
+    run_until_done();
+    CHECK(items_n == 1);
+    CHECK_STR(items_sid[0], sids[1]);
+    CHECK(store_summary(st, bob, 0, on_summary, NULL) == 0);
+    run_until_done();
+    CHECK(sum_count == 1);
+}
+
+static void test_live_and_due(void)
+{
+    const char *carol = "carol@t1", *alice = "alice@t1";
+    int err = -1;
+    CHECK(store_epoch_next(st, on_epoch, NULL) == 0);
+    run_until_done();
+    CHECK(epoch[0] != '\0');
+    CHECK(store_presence(st, STORE_PRESENCE_SET, carol, "tab", epoch, 0, on_done, &err) == 0);
+    run_until_done();
+    CHECK(err == 0);
+
+    CHECK(put(carol, alice, "l1", true, 100, 10000, epoch) == 0);
+    CHECK(put_res.status == STORE_PUT_LIVE && put_res.nresources == 1);
+    CHECK_STR(put_res0, "tab");
+    /* Under an older epoch the same resource does not count as online. */
+    CHECK(put(carol, alice, "l2", true, 100, 10000, "0") == 0);
+    CHECK(put_res.status == STORE_PUT_OFFLINE);
+    /* Without a receipt request a live message is pushed, not kept. */
+    CHECK(put(carol, alice, "l3", false, 100, 10000, epoch) == 0);
+    CHECK(put_res.status == STORE_PUT_LIVE && put_sid[0] == '\0');
+
+    /* Due after retry (100 ms): resent. */
+    CHECK(store_claim_due(st, 10150, 100, epoch, 10, on_due, NULL) == 0);
+    run_until_done();
+    CHECK(due_users == 1 && due_items == 1);
+    /* Not yet due again. */
+    CHECK(store_claim_due(st, 10200, 100, epoch, 10, on_due, NULL) == 0);
+    run_until_done();
+    CHECK(due_users == 0);
+    /* Past the delivery window (1000 ms): moved to the offline queue, not resent. */
+    CHECK(store_claim_due(st, 11100, 100, epoch, 10, on_due, NULL) == 0);
+    run_until_done();
+    CHECK(due_users == 0);
+    CHECK(store_summary(st, carol, 0, on_summary, NULL) == 0);
+    run_until_done();
+    CHECK(sum_count == 2);
+
+    /* A bounce with nobody else online moves the message offline at once. */
+    CHECK(put(carol, alice, "l4", true, 100, 20000, epoch) == 0);
+    CHECK(put_res.status == STORE_PUT_LIVE);
+    CHECK(store_bounce(st, carol, "alice@t1", "l4", "tab", epoch, on_done, &err) == 0);
+    run_until_done();
+    CHECK(store_summary(st, carol, 0, on_summary, NULL) == 0);
+    run_until_done();
+    CHECK(sum_count == 3);
+    /* And the bounced resource is no longer online. */
+    CHECK(put(carol, alice, "l5", true, 100, 20000, epoch) == 0);
+    CHECK(put_res.status == STORE_PUT_OFFLINE);
+
+    /* Stale resources after a new epoch. */
+    CHECK(store_presence(st, STORE_PRESENCE_SET, carol, "pc", epoch, 0, on_done, &err) == 0);
+    run_until_done();
+    char old[32];
+    snprintf(old, sizeof old, "%s", epoch);
+    CHECK(store_epoch_next(st, on_epoch, NULL) == 0);
+    run_until_done();
+    CHECK(strcmp(old, epoch) != 0);
+    CHECK(store_presence_stale(st, epoch, 100, on_items, NULL) == 0);
+    run_until_done();
+    CHECK(items_n == 1);
+    CHECK(store_presence(st, STORE_PRESENCE_VERIFY, carol, "pc", epoch, 0, on_done, &err) == 0);
+    run_until_done();
+    CHECK(store_presence_stale(st, epoch, 100, on_items, NULL) == 0);
+    run_until_done();
+    CHECK(items_n == 0);
+}
+
+static void test_closed_store_refuses(void)
+{
+    store_close(st);
+    st = NULL;
+    uv_run(&loop, UV_RUN_DEFAULT);
+    CHECK(uv_loop_close(&loop) == 0);
+}
+
+int main(void)
+{
+    const char *port = getenv("REDIS_PORT");
+    if (!port) {
+        fprintf(stderr, "REDIS_PORT is not set: run through tests/unit/with-redis.sh\n");
+        return 1;
+    }
+    uv_loop_init(&loop);
+    store_config_t cfg = {"127.0.0.1", atoi(port), 100};
+    CHECK(store_create(&loop, &cfg, on_state, NULL, &st) == 0);
+    run_until_done();
+    CHECK(connected == 1);
+    if (connected) {
+        test_offline_queue();
+        test_live_and_due();
+    }
+    test_closed_store_refuses();
+    return check_report();
+}
