@@ -47,12 +47,12 @@ static void storage_error(daemon_t *d, xmpp_stanza_t *iq)
 }
 
 /* Starts a text IQ result: <iq type='result' id to from>. */
-static void result_open(proto_buf_t *b, daemon_t *d, xmpp_stanza_t *iq)
+static void result_open(proto_buf_t *b, xmpp_stanza_t *iq)
 {
     proto_buf_append_str(b, "<iq type='result'");
     proto_buf_append_attr(b, "id", xmpp_stanza_get_id(iq));
     proto_buf_append_attr(b, "to", xmpp_stanza_get_from(iq));
-    proto_buf_append_attr(b, "from", d->cfg.jid);
+    proto_buf_append_attr(b, "from", xmpp_stanza_get_to(iq));
     proto_buf_append_str(b, ">");
 }
 
@@ -79,7 +79,7 @@ static void on_summary(void *ud, int err, uint64_t count, uint64_t bytes,
     proto_buf_t out;
     proto_buf_init(&out);
     char num[32], stamp[40];
-    result_open(&out, d, c->iq);
+    result_open(&out, c->iq);
     proto_buf_append_str(&out, "<summary xmlns='" NS_RECEIPTD "'");
     snprintf(num, sizeof num, "%" PRIu64, count);
     proto_buf_append_attr(&out, "count", num);
@@ -152,7 +152,7 @@ static void on_fetch(void *ud, int err, bool complete, const store_item_t *items
     store_blob_t *b = malloc(sizeof *b);
     proto_buf_t out;
     proto_buf_init(&out);
-    result_open(&out, d, c->iq);
+    result_open(&out, c->iq);
     proto_buf_append_str(&out, "<batch xmlns='" NS_RECEIPTD "'");
     proto_buf_append_attr(&out, "complete", complete ? "true" : "false");
     if (n)
@@ -263,7 +263,7 @@ static void handle_disco_info(daemon_t *d, xmpp_stanza_t *iq, xmpp_stanza_t *pay
     (void)r;
     proto_buf_t out;
     proto_buf_init(&out);
-    result_open(&out, d, iq);
+    result_open(&out, iq);
     proto_buf_append_str(&out, "<query xmlns='" NS_DISCO_INFO
                                "'><identity category='component' type='generic' "
                                "name='receiptd'/>");
