@@ -5,7 +5,6 @@
  * hiredis calls exactly once per command (with a NULL reply when the connection goes away). */
 #include "store.h"
 
-#include <hiredis/adapters/libuv.h>
 #include <hiredis/async.h>
 #include <hiredis/hiredis.h>
 #include <inttypes.h>
@@ -15,6 +14,7 @@
 #include <strophe.h>
 
 #include "scripts.h"
+#include "uvredis.h"
 
 #define BACKOFF_MIN_MS 100
 #define BACKOFF_MAX_MS 5000
@@ -136,7 +136,7 @@ static void store_connect(store_t *st)
         return;
     }
     ac->data = st;
-    if (redisLibuvAttach(ac, st->loop) != REDIS_OK) {
+    if (store__attach_uv(ac, st->loop) < 0) {
         redisAsyncFree(ac);
         schedule_reconnect(st);
         return;

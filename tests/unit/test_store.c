@@ -245,6 +245,32 @@ static void test_live_and_due(void)
     CHECK(items_n == 0);
 }
 
+static void on_guard(uv_timer_t *t)
+{
+    (void)t;
+}
+
+/* A Redis that is down must be reported (and retried), not waited on forever: a refused
+ * connect arrives as a poll error, which the stock hiredis libuv adapter dropped. */
+static void test_refused_connect_is_reported(void)
+{
+    store_t *dead;
+    store_config_t cfg = {"127.0.0.1", atoi(getenv("REDIS_DEAD_PORT")), 10};
+    connected = -1;
+    CHECK(store_create(&loop, &cfg, on_state, NULL, &dead) == 0);
+    /* A ticking timer makes each loop turn return, so a missing report fails, not hangs. */
+    uv_timer_t guard;
+    uv_timer_init(&loop, &guard);
+    uv_timer_start(&guard, on_guard, 10, 10);
+    for (int i = 0; i < 300 && connected == -1; i++)
+        uv_run(&loop, UV_RUN_ONCE);
+    CHECK(connected == 0);
+    /* Requests on a store that is down fail at once, without a callback. */
+    CHECK(store_epoch_next(dead, on_epoch, NULL) == STORE_EDOWN);
+    uv_close((uv_handle_t *)&guard, NULL);
+    store_close(dead);
+}
+
 static void test_closed_store_refuses(void)
 {
     store_close(st);
@@ -269,6 +295,7 @@ int main(void)
         test_offline_queue();
         test_live_and_due();
     }
+    test_refused_connect_is_reported();
     test_closed_store_refuses();
     return check_report();
 }

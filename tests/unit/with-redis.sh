@@ -2,7 +2,9 @@
 # Runs one test binary against a throwaway redis-server on a free loopback port.
 set -euo pipefail
 dir=$(mktemp -d)
-port=$(/usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+port=$(free_port)
+dead_port=$(free_port)  # nothing listens there: for connection-refused tests
 redis-server --port "$port" --bind 127.0.0.1 --dir "$dir" --appendonly yes --appendfsync always \
   --save '' --daemonize no >"$dir/redis.log" 2>&1 &
 pid=$!
@@ -11,4 +13,4 @@ for _ in $(seq 100); do
   redis-cli -p "$port" ping >/dev/null 2>&1 && break
   sleep 0.05
 done
-REDIS_PORT=$port "$@"
+REDIS_PORT=$port REDIS_DEAD_PORT=$dead_port "$@"
