@@ -259,7 +259,7 @@ static void test_refused_connect_is_reported(void)
     connected = -1;
     CHECK(store_create(&loop, &cfg, on_state, NULL, &dead) == 0);
     /* A ticking timer makes each loop turn return, so a missing report fails, not hangs. */
-    uv_timer_t guard;
+    static uv_timer_t guard; /* outlives this function until its close callback ran */
     uv_timer_init(&loop, &guard);
     uv_timer_start(&guard, on_guard, 10, 10);
     for (int i = 0; i < 300 && connected == -1; i++)
