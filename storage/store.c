@@ -30,6 +30,7 @@ struct store {
     redisAsyncContext *ac;
     bool connected;
     bool closing;
+    bool timer_closed;
     uv_timer_t retry_timer;
     unsigned backoff_ms;
     unsigned inflight;
@@ -111,14 +112,26 @@ static void on_connect(const redisAsyncContext *cac, int status)
         st->on_state(st->ud, 1, NULL);
 }
 
+/* The store is freed once both the timer has closed and hiredis let go of the context, which
+ * after store_close can be later than the timer: hiredis waits for replies still in flight. */
+static void maybe_free(store_t *st)
+{
+    if (st->closing && st->timer_closed && !st->ac) {
+        free(st->host);
+        free(st);
+    }
+}
+
 static void on_disconnect(const redisAsyncContext *cac, int status)
 {
     store_t *st = cac->data;
     bool was = st->connected;
     st->ac = NULL;
     st->connected = false;
-    if (st->closing)
+    if (st->closing) {
+        maybe_free(st);
         return;
+    }
     if (st->on_state && was)
         st->on_state(st->ud, 0, status == REDIS_OK ? "disconnected" : cac->errstr);
     schedule_reconnect(st);
@@ -180,21 +193,26 @@ int store_create(uv_loop_t *loop, const store_config_t *cfg, store_state_cb on_s
 static void on_timer_closed(uv_handle_t *h)
 {
     store_t *st = h->data;
-    free(st->host);
-    free(st);
+    st->timer_closed = true;
+    maybe_free(st);
 }
 
 void store_close(store_t *st)
 {
+    bool was_connected = st->connected;
     st->closing = true;
     st->connected = false;
     uv_timer_stop(&st->retry_timer);
-    if (st->ac) {
+    uv_close((uv_handle_t *)&st->retry_timer, on_timer_closed);
+    if (st->ac && was_connected) {
+        /* Graceful: replies in flight still reach their callbacks, then on_disconnect runs. */
+        redisAsyncDisconnect(st->ac);
+    } else if (st->ac) {
+        /* Still connecting: hiredis would not call on_disconnect for it. */
         redisAsyncContext *ac = st->ac;
         st->ac = NULL;
-        redisAsyncDisconnect(ac);
+        redisAsyncFree(ac);
     }
-    uv_close((uv_handle_t *)&st->retry_timer, on_timer_closed);
 }
 
 bool store_is_connected(const store_t *st)

@@ -78,6 +78,13 @@ def wait_until(pred, timeout, what, interval=0.05):
         time.sleep(interval)
 
 
+def note(fmt, *args):
+    """Timestamped harness action (wall clock, to correlate with the process logs)."""
+    ts = time.strftime("%H:%M:%S", time.gmtime()) + ".%03dZ" % (int(time.time() * 1000) % 1000)
+    sys.stdout.write("[harness %s] %s\n" % (ts, fmt % args if args else fmt))
+    sys.stdout.flush()
+
+
 def tail(path, nbytes=6000):
     try:
         with open(path, "rb") as f:
@@ -120,6 +127,7 @@ class Proc:
                                           start_new_session=True)
         finally:
             fh.close()
+        note("started %s pid %d (run %d)", self.name, self.popen.pid, self.runs)
 
     def alive(self):
         return self.popen is not None and self.popen.poll() is None
@@ -133,6 +141,7 @@ class Proc:
         if self.popen is None:
             return
         if self.popen.poll() is None:
+            note("SIGKILL %s pid %d", self.name, self.popen.pid)
             self.popen.send_signal(signal.SIGKILL)
         self.popen.wait()
         self.exit_codes.append(("SIGKILL", self.popen.returncode))
@@ -144,6 +153,7 @@ class Proc:
             return None
         p = self.popen
         if p.poll() is None:
+            note("SIGTERM %s pid %d", self.name, p.pid)
             p.send_signal(signal.SIGTERM)
             try:
                 p.wait(timeout)
@@ -154,6 +164,7 @@ class Proc:
                 self.popen = None
                 raise HarnessError("%s did not exit within %ss of SIGTERM" % (self.name, timeout))
             self.exit_codes.append(("SIGTERM", p.returncode))
+            note("%s pid %d exited with %s", self.name, p.pid, p.returncode)
         else:
             self.exit_codes.append(("exited-before-SIGTERM", p.returncode))
         self.popen = None
@@ -163,6 +174,7 @@ class Proc:
         """Best effort, used on teardown after failures."""
         if self.popen is not None and self.popen.poll() is None:
             try:
+                note("cleanup: SIGTERM %s pid %d", self.name, self.popen.pid)
                 self.popen.send_signal(signal.SIGTERM)
                 self.popen.wait(5)
             except Exception:
