@@ -34,6 +34,9 @@ struct store {
     uv_timer_t retry_timer;
     unsigned backoff_ms;
     unsigned inflight;
+    unsigned scripts_pending; /* SCRIPT LOAD replies still to come on this connection */
+    bool scripts_failed;
+    char load_error[128];
     char sha[STORE_SCRIPT_COUNT][41];
     store_state_cb on_state;
     void *ud;
@@ -84,11 +87,30 @@ static void schedule_reconnect(store_t *st)
     uv_timer_start(&st->retry_timer, on_retry_timer, delay, 0);
 }
 
-static void on_ignore(redisAsyncContext *ac, void *reply, void *privdata)
+/* The store counts as connected only once every script is loaded: a Redis that is still
+ * loading its AOF answers -LOADING, and EVALSHA would then fail with NOSCRIPT forever. */
+static void on_script_loaded(redisAsyncContext *ac, void *reply, void *privdata)
 {
-    (void)ac;
-    (void)reply;
-    (void)privdata;
+    store_t *st = privdata;
+    redisReply *r = reply;
+    if (!r)
+        return; /* the connection went away; on_disconnect handles it */
+    if (r->type == REDIS_REPLY_ERROR && !st->scripts_failed) {
+        st->scripts_failed = true;
+        snprintf(st->load_error, sizeof st->load_error, "SCRIPT LOAD failed: %s", r->str);
+    }
+    if (--st->scripts_pending > 0)
+        return;
+    if (st->scripts_failed) {
+        if (st->on_state)
+            st->on_state(st->ud, 0, st->load_error);
+        redisAsyncDisconnect(ac); /* on_disconnect schedules the retry */
+        return;
+    }
+    st->connected = true;
+    st->backoff_ms = BACKOFF_MIN_MS;
+    if (st->on_state)
+        st->on_state(st->ud, 1, NULL);
 }
 
 static void on_connect(const redisAsyncContext *cac, int status)
@@ -102,14 +124,11 @@ static void on_connect(const redisAsyncContext *cac, int status)
         schedule_reconnect(st);
         return;
     }
-    /* Loading every script first is enough: Redis runs one connection's commands in order. */
+    st->scripts_pending = STORE_SCRIPT_COUNT;
+    st->scripts_failed = false;
     for (int i = 0; i < STORE_SCRIPT_COUNT; i++)
-        redisAsyncCommand(st->ac, on_ignore, NULL, "SCRIPT LOAD %s",
+        redisAsyncCommand(st->ac, on_script_loaded, st, "SCRIPT LOAD %s",
                           store_script_source((store_script_t)i));
-    st->connected = true;
-    st->backoff_ms = BACKOFF_MIN_MS;
-    if (st->on_state)
-        st->on_state(st->ud, 1, NULL);
 }
 
 /* The store is freed once both the timer has closed and hiredis let go of the context, which
@@ -441,10 +460,19 @@ static void reply_fail(req_t *rq, int err)
 
 static void on_reply(redisAsyncContext *ac, void *reply, void *privdata)
 {
-    (void)ac;
     req_t *rq = privdata;
     redisReply *r = reply;
-    rq->st->inflight--;
+    store_t *st = rq->st;
+    st->inflight--;
+    /* Scripts vanish on SCRIPT FLUSH or when a replica without them is promoted: reconnect,
+     * which loads them again. This request fails; its sender retries. */
+    if (r && r->type == REDIS_REPLY_ERROR && strncmp(r->str, "NOSCRIPT", 8) == 0 &&
+        st->connected) {
+        st->connected = false;
+        if (st->on_state)
+            st->on_state(st->ud, 0, "scripts missing in Redis (NOSCRIPT); reloading");
+        redisAsyncDisconnect(ac);
+    }
     if (!r)
         reply_fail(rq, STORE_EDOWN);
     else if (r->type == REDIS_REPLY_ERROR || reply_dispatch(rq, r) < 0)

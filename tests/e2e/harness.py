@@ -12,7 +12,6 @@ the slow helpers through asyncio.to_thread().
 
 import argparse
 import os
-import re
 import shutil
 import signal
 import socket

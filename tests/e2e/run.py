@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -25,7 +26,6 @@ import harness  # noqa: E402
 
 def run_one(name, binary=None, verbose=False, keep=False):
     import scenarios
-    import xclient
     sc = scenarios.SCENARIOS.get(name)
     if sc is None:
         print("unknown scenario %r; known: %s" % (name, ", ".join(scenarios.names())))
@@ -85,7 +85,13 @@ def run_one(name, binary=None, verbose=False, keep=False):
     return 1
 
 
+def _on_sigterm(signum, frame):
+    # meson's timeout (or a user) stops us: unwind so that every child process is stopped
+    raise SystemExit("e2e: killed by signal %d" % signum)
+
+
 def main():
+    signal.signal(signal.SIGTERM, _on_sigterm)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("name", nargs="?", help="scenario name")
     ap.add_argument("--list", action="store_true", help="print the scenario names, one per line")

@@ -10,11 +10,10 @@ import datetime
 import time
 import xml.etree.ElementTree as ET
 
-from harness import COMPONENT, USER_DOMAIN, OTHER_DOMAIN, USERS, HarnessError
-import xclient
+from harness import COMPONENT, OTHER_DOMAIN, USERS, HarnessError
 from xclient import (Client, NS_RD, NS_RECEIPTS, NS_SID, NS_FORWARD, NS_DELAY, NS_CLIENT, NS_PING,
                      NS_DISCO_INFO, q, find, error_condition, xml_str, relay_jid, sid_seq,
-                     forwarded_message, forwarded_sid, Timeout)
+                     forwarded_message, forwarded_sid)
 
 SCENARIOS = {}
 
@@ -163,6 +162,40 @@ def push_sid(m):
 
 # ============================================================== scenarios
 
+@scenario("cli")
+async def cli(t):
+    """--help, --version, --check-config on a good and on broken configs."""
+    import subprocess
+
+    def run(*args):
+        r = subprocess.run([t.stack.binary] + list(args), capture_output=True, text=True, timeout=10)
+        return r.returncode, r.stdout + r.stderr
+    code, out = await t.sync(run, "--help")
+    t.eq(code, 0, "exit code of --help (%s)" % out.strip()[:200])
+    t.check("-c" in out, "--help does not mention -c: %s", out)
+    code, out = await t.sync(run, "--version")
+    t.eq(code, 0, "exit code of --version")
+    t.check("receiptd" in out, "--version output: %r", out)
+    code, out = await t.sync(run, "--check-config", "-c", t.stack.receiptd.ini)
+    t.eq(code, 0, "--check-config on the test config (%s)" % out.strip()[:300])
+    good = open(t.stack.receiptd.ini).read()
+    broken = {
+        "missing jid": good.replace("jid = %s\n" % COMPONENT, ""),
+        "retry_interval=abc": good.replace("retry_interval = ", "retry_interval = abc ; "),
+        "port out of range": good.replace("server_port = ", "server_port = 99999 ; "),
+    }
+    for what, text in broken.items():
+        t.check(text != good, "could not build the broken config %r", what)
+        path = t.stack.receiptd.ini + ".broken"
+        with open(path, "w") as f:
+            f.write(text)
+        code, out = await t.sync(run, "--check-config", "-c", path)
+        t.check(code != 0, "--check-config accepted a config with %s:\n%s", what, text)
+        t.say("%s -> exit %d: %s", what, code, out.strip().splitlines()[-1] if out.strip() else "")
+    code, out = await t.sync(run, "--check-config", "-c", "/nonexistent/receiptd.ini")
+    t.check(code != 0, "--check-config accepted a missing file")
+
+
 @scenario("addressing")
 async def addressing(t):
     """Relay addressing errors: jid-malformed, item-not-found, forbidden; a valid address works."""
@@ -175,7 +208,7 @@ async def addressing(t):
     t.say("valid address stored as %s", sid)
     await bob.wait_push("ok-1")
 
-    for i, node in enumerate([r"\40localhost", "bob\\40", r"bob\40\40localhost"]):
+    for i, node in enumerate([r"\40localhost", "bob\\40", r"bob\40\40localhost", "bob"]):
         mid = "malformed-%d" % i
         alice.send_msg(None, mid=mid, raw_to="%s@%s" % (node, COMPONENT))
         await expect_error(t, alice, mid, "jid-malformed", "modify", what="node %r" % node)
@@ -190,6 +223,10 @@ async def addressing(t):
     eve.send_msg(bare("bob"), mid="from-eve")
     await expect_error(t, eve, "from-eve", "forbidden", what="sender eve@" + OTHER_DOMAIN)
     t.say("sender from %s -> forbidden", OTHER_DOMAIN)
+    await expect_iq_error(t, eve, "get", "<summary xmlns='%s'/>" % NS_RD, "forbidden")
+
+    alice.send_msg(None, mid="to-component", raw_to=COMPONENT)
+    await expect_error(t, alice, "to-component", "service-unavailable", what="message to the component itself")
 
     await asyncio.sleep(0.5)
     no_messages(t, bob, lambda m: True, "bob after rejected messages")
@@ -314,6 +351,38 @@ async def retransmit(t):
     await bob.ack([sid])
     await alice.wait_receipt("rt-1")
     t.eq(await bob.count(), 0, "bob's offline count after ack")
+
+
+@scenario("unavailable-requeue", delivery={"retry_interval": 0.5, "delivery_window": 30})
+async def unavailable_requeue(t):
+    """A pending push moves to the offline queue as soon as the recipient's last resource goes unavailable."""
+    alice = await t.client("alice")
+    bob = await t.client("bob", resource="a")
+    bob2 = await t.client("bob", resource="b")
+    sid = await send_stored(t, alice, "bob", "ur-1")
+    await bob.wait_push("ur-1")
+    await bob2.wait_push("ur-1")
+    bob.announce("unavailable")
+    await asyncio.sleep(0.3)
+    bob.clear_inbox()
+    # still pushed to the remaining resource only
+    again = await bob2.wait_push("ur-1", timeout=3)
+    t.eq(push_sid(again), sid, "stanza-id of the retransmission")
+    extra = await bob.collect(lambda m: is_push(m), 1.0)
+    t.check(not extra, "push to a resource after its unavailable: %s", [xml_str(m) for m in extra])
+    bob2.announce("unavailable")
+    t0 = time.monotonic()
+    deadline = t0 + 5
+    while time.monotonic() < deadline:
+        if await bob.count() == 1:
+            break
+        await asyncio.sleep(0.2)
+    t.say("queued %.1f s after the last unavailable (window 30 s)", time.monotonic() - t0)
+    t.eq(await bob.count(), 1, "bob's queue 5 s after his last resource went unavailable (window 30 s)")
+    bob2.clear_inbox()
+    await asyncio.sleep(1.0)
+    no_messages(t, bob2, is_push, "push after the last unavailable")
+    t.eq([s for s, _ in await bob.fetch_all()], [sid], "bob's queue")
 
 
 @scenario("offline-login")
@@ -503,6 +572,13 @@ async def ack_relay(t):
         r = await alice.wait_receipt(mid)
         t.eq(str(r["from"]), rj("bob"), "from of the relayed receipt")
     t.eq(await bob.count(), 0, "bob's count after ack")
+    # a <received/> message (instead of the ack IQ) also clears an item of the offline queue
+    s3 = await send_stored(t, alice, "bob", "ar-3")
+    t.eq([s for s, _ in await bob.fetch_all()], [s3], "bob's queue")
+    bob.send_msg(None, raw_to=rj("alice"), mid="rcpt-ar-3", request=False, body=None,
+                 extra=["<received xmlns='%s' id='ar-3'/>" % NS_RECEIPTS], mtype=None)
+    await alice.wait_receipt("ar-3")
+    t.eq(await bob.count(), 0, "bob's count after a <received/> message for a queued item")
 
 
 @scenario("errors", delivery={"max_stanza_bytes": 4096})
@@ -513,6 +589,9 @@ async def errors(t):
     await expect_iq_error(t, alice, "set", "<bogus xmlns='urn:example:nothing'/>", "service-unavailable")
     await expect_iq_error(t, alice, "get", "<fetch xmlns='%s' max='abc'/>" % NS_RD, "bad-request")
     await expect_iq_error(t, alice, "get", "<fetch xmlns='%s' max='-3'/>" % NS_RD, "bad-request")
+    await expect_iq_error(t, alice, "get", "<summary xmlns='%s' ids='maybe'/>" % NS_RD, "bad-request")
+    await expect_iq_error(t, alice, "set", "<ack xmlns='%s'/>" % NS_RD, "bad-request")
+    await expect_iq_error(t, alice, "get", "<fetch xmlns='%s' after='garbage'/>" % NS_RD, "item-not-found")
     t.say("IQ errors ok")
     # request without id
     m = alice.make_message(mto=rj("bob"), mbody="no id", mtype="chat")
@@ -545,6 +624,31 @@ async def quota(t):
     await alice.wait_receipt("qt-0")
     await send_stored(t, alice, "bob", "qt-3")   # retry of the same id after room was made
     t.eq(await bob.count(), 3, "bob's queue after ack + retry")
+
+
+@scenario("quota-bytes", delivery={"max_offline_bytes": 3000})
+async def quota_bytes(t):
+    """Offline queue over max_offline_bytes -> resource-constraint (type wait)."""
+    alice = await t.client("alice")
+    stored_ids, rejected = [], None
+    for i in range(10):
+        mid = "qb-%d" % i
+        alice.send_msg(bare("bob"), mid=mid, body="y" * 700)
+        m = await alice.wait_stored_or_error(mid)
+        if m["type"] == "error":
+            et, ec, _ = error_condition(m)
+            t.eq((et, ec), ("wait", "resource-constraint"), "error when the byte quota is full (%s)" % xml_str(m))
+            rejected = i
+            break
+        stored_ids.append(mid)
+    t.check(rejected is not None, "10 messages of ~700 bytes all stored with max_offline_bytes=3000")
+    t.say("%d stored, then resource-constraint", len(stored_ids))
+    t.check(2 <= len(stored_ids) <= 4, "%d messages of ~700 bytes stored with max_offline_bytes=3000",
+            len(stored_ids))
+    bob = await t.client("bob", announce=False)
+    s = await bob.summary()
+    t.eq(int(s.get("count")), len(stored_ids), "bob's count")
+    t.check(int(s.get("bytes")) <= 3000, "bob's bytes over the quota: %s", xml_str(s))
 
 
 @scenario("ping-disco")
@@ -603,6 +707,39 @@ async def subscription(t):
     t.eq(await bob.count(), 1, "bob's queue after going unavailable")
 
 
+@scenario("restart-ping", delivery={"retry_interval": 0.5, "delivery_window": 2}, timeout=90)
+async def restart_ping(t):
+    """After a receiptd restart, announced resources are pinged and online again; a vanished one is offline."""
+    alice = await t.client("alice")
+    bob = await t.client("bob", auto_receipts=True)
+    carol = await t.client("carol")
+    await send_stored(t, alice, "bob", "rp-0")
+    await bob.wait_push("rp-0")
+    await alice.wait_receipt("rp-0")
+    await t.sync(t.stack.stop_receiptd_checked)
+    # carol vanishes while receiptd is down: her unavailable is bounced by the server and lost
+    await carol.stop()
+    await asyncio.sleep(0.3)
+    await t.sync(t.stack.receiptd.start)
+    t.say("receiptd restarted")
+    await asyncio.sleep(1.5)    # time for the pings
+    # bob did NOT re-announce: the ping from the component made him online again
+    t.check(COMPONENT in bob.pings, "bob was not pinged by the component after its restart (pings: %s)",
+            bob.pings)
+    await send_stored(t, alice, "bob", "rp-1")
+    m = await bob.wait_push("rp-1", timeout=5)
+    await alice.wait_receipt("rp-1")
+    # carol's old full JID answered the ping with an error: offline, the message waits in her queue
+    await send_stored(t, alice, "carol", "rp-2")
+    await asyncio.sleep(3.0)
+    carol2 = await t.client("carol", announce=False)
+    await asyncio.sleep(1.5)
+    t.check(not carol2.all_messages, "carol got messages from the server at login:\n  %s",
+            "\n  ".join(xml_str(x) for x in carol2.all_messages))
+    items = await carol2.fetch_all()
+    t.eq([forwarded_message(f).get("id") for _, f in items], ["rp-2"], "carol's queue")
+
+
 @scenario("kill9")
 async def kill9(t):
     """kill -9 of receiptd right after a <stored/>: after restart the message is fetchable, dedupe survives."""
@@ -624,6 +761,43 @@ async def kill9(t):
     s2 = await send_stored(t, alice, "bob", "k9-2")
     t.check(sid_seq(s2) > sid_seq(sid), "stanza-id after restart does not sort after the old one: %s %s",
             sid, s2)
+    # burst: kill -9 while 40 messages are in flight; every <stored/> seen must survive
+    ids = ["k9-burst-%03d" % i for i in range(150)]
+    for mid in ids:
+        alice.send_msg(bare("bob"), mid=mid)
+    await alice.wait_stored(ids[0], timeout=10)
+    t.stack.receiptd.kill9()
+    await asyncio.sleep(0.3)
+    acked = {find(m, NS_RD, "stored").get("id"): find(m, NS_RD, "stored").get("stanza-id")
+             for m in alice.all_messages if find(m, NS_RD, "stored") is not None}
+    acked = {k: v for k, v in acked.items() if k.startswith("k9-burst")}
+    t.say("%d of %d burst messages acknowledged before kill -9", len(acked), len(ids))
+    await t.sync(t.stack.receiptd.start)
+    items = await bob.fetch_all()
+    have = {forwarded_message(f).get("id"): s for s, f in items}
+    missing = {k: v for k, v in acked.items() if have.get(k) != v}
+    t.check(not missing, "acknowledged before kill -9 but missing after restart: %s", missing)
+    # the client retries everything without <stored/>: all end up stored exactly once
+    await t.announce(alice)
+    for mid in ids:
+        if mid not in acked:
+            alice.send_msg(bare("bob"), mid=mid)
+    for mid in ids:
+        if mid not in acked:
+            await alice.wait_stored(mid, timeout=10)
+    items = await bob.fetch_all()
+    got = sorted(forwarded_message(f).get("id") for _, f in items)
+    t.eq(got, sorted(ids + ["k9-1", "k9-2"]), "bob's queue after retrying (each message exactly once)")
+
+
+def redis_diag(redis):
+    out = []
+    for cmd in (("INFO", "errorstats"), ("INFO", "commandstats"), ("CLIENT", "LIST"), ("DBSIZE",)):
+        try:
+            out.append("> %s\n%s" % (" ".join(cmd), redis.command(*cmd).strip()))
+        except Exception as e:
+            out.append("> %s: %s" % (" ".join(cmd), e))
+    return "\n".join(out)
 
 
 @scenario("redis-restart", timeout=90)
@@ -634,6 +808,7 @@ async def redis_restart(t):
     for i in range(3):
         mid = "rr-%d" % i
         acked[mid] = await send_stored(t, alice, "bob", mid)
+    connects = t.stack.receiptd.count_in_log("store: connected")
     await t.sync(t.stack.redis.stop)
     t.say("redis stopped")
     alice.send_msg(bare("bob"), mid="rr-down")
@@ -645,6 +820,12 @@ async def redis_restart(t):
     t.eq(ec, "internal-server-error", "error condition while Redis is down")
     await t.sync(t.stack.redis.start)
     t.say("redis started again")
+    try:
+        await t.sync(t.stack.receiptd.wait_log, "store: connected", connects + 1, 15)
+    except HarnessError as e:
+        raise AssertionError("receiptd did not reconnect to Redis within 15 s of its restart "
+                             "(no new 'store: connected' line): %s" % str(e)[:300])
+    t.say("receiptd reconnected to redis")
     # receiptd reconnects by itself; the client retries the same id until stored
     loop = asyncio.get_event_loop()
     deadline = loop.time() + 20
@@ -654,19 +835,63 @@ async def redis_restart(t):
         if m["type"] != "error":
             acked["rr-down"] = stored_sid(t, m, "rr-down", bare("bob"))
             break
-        t.check(loop.time() < deadline, "still errors 20 s after Redis came back: %s", xml_str(m))
+        if loop.time() >= deadline:
+            diag = await t.sync(redis_diag, t.stack.redis)
+            raise AssertionError("still errors 20 s after Redis came back: %s\nRedis diagnostics:\n%s"
+                                 % (xml_str(m), diag))
         await asyncio.sleep(0.5)
     t.say("stored again after reconnect: %s", acked["rr-down"])
     t.check(t.stack.receiptd.alive(), "receiptd died")
     for i in range(3, 5):
         mid = "rr-%d" % i
         acked[mid] = await send_stored(t, alice, "bob", mid)
+    # SIGKILL Redis while a burst is in flight: with appendfsync always, every <stored/> survives
+    ids = ["rr-burst-%03d" % i for i in range(150)]
+    for mid in ids:
+        alice.send_msg(bare("bob"), mid=mid)
+    await alice.wait_stored(ids[0], timeout=10)
+    connects = t.stack.receiptd.count_in_log("store: connected")
+    t.stack.redis.kill9()
+    t.say("redis killed (-9) during a burst")
+    await asyncio.sleep(1.0)
+    await t.sync(t.stack.redis.start)
+    try:
+        await t.sync(t.stack.receiptd.wait_log, "store: connected", connects + 1, 15)
+    except HarnessError as e:
+        raise AssertionError("receiptd did not reconnect to Redis within 15 s of its restart "
+                             "(no new 'store: connected' line): %s" % str(e)[:300])
+    await asyncio.sleep(0.3)
+    for m in alice.all_messages:
+        st = find(m, NS_RD, "stored")
+        if st is not None and st.get("id", "").startswith("rr-burst"):
+            acked[st.get("id")] = st.get("stanza-id")
+    n_err = sum(1 for m in alice.all_messages if m["type"] == "error" and m["id"].startswith("rr-burst"))
+    t.say("burst: %d stored, %d wait errors", len([k for k in acked if k.startswith("rr-burst")]), n_err)
+    t.check(t.stack.receiptd.alive(), "receiptd died")
+    # everything without <stored/> is retried (in rounds) until stored
+    deadline = loop.time() + 30
+    while True:
+        todo = [mid for mid in ids if mid not in acked]
+        if not todo:
+            break
+        if loop.time() > deadline:
+            diag = await t.sync(redis_diag, t.stack.redis)
+            raise AssertionError("%d burst messages still not stored 30 s after the Redis restart, e.g. %s"
+                                 "\nRedis diagnostics:\n%s" % (len(todo), todo[:3], diag))
+        for mid in todo:
+            alice.send_msg(bare("bob"), mid=mid)
+        for mid in todo:
+            m = await alice.wait_stored_or_error(mid, timeout=10)
+            if m["type"] != "error":
+                acked[mid] = stored_sid(t, m, mid, bare("bob"))
+        await asyncio.sleep(0.5)
     bob = await t.client("bob", announce=False)
     items = await bob.fetch_all()
     have = {forwarded_message(f).get("id"): s for s, f in items}
     missing = {k: v for k, v in acked.items() if have.get(k) != v}
-    t.check(not missing, "acknowledged messages missing after the Redis restart: %s (queue has %s)",
+    t.check(not missing, "acknowledged messages missing after the Redis restarts: %s (queue has %s)",
             missing, have)
+    t.eq(len(items), len(acked), "bob's queue size (each message exactly once)")
 
 
 @scenario("prosody-restart", delivery={"retry_interval": 0.5, "delivery_window": 2}, timeout=90)

@@ -116,7 +116,7 @@ class Client(slixmpp.ClientXMPP):
         self.inbox = []              # every <message/> received, in order (slixmpp stanzas)
         self.all_messages = []       # never consumed; for "nothing arrived" checks
         self.presences = []
-        self.pings_answered = 0
+        self.pings = []              # 'from' of every ping IQ get received (answered by xep_0199)
         self._changed = asyncio.Event()
         self._session = asyncio.Event()
         self._disconnected = asyncio.Event()
@@ -128,6 +128,8 @@ class Client(slixmpp.ClientXMPP):
                                        self._on_message))
         self.register_handler(Callback("e2e-all-presence", MatchXPath("{%s}presence" % NS_CLIENT),
                                        self._on_presence))
+        self.register_handler(Callback("e2e-pings", MatchXPath("{%s}iq/{%s}ping" % (NS_CLIENT, NS_PING)),
+                                       self._on_ping))
         self.add_event_handler("session_start", self._on_session_start)
         self.add_event_handler("disconnected", self._on_disconnected)
         self.send_initial_presence = True
@@ -187,6 +189,10 @@ class Client(slixmpp.ClientXMPP):
                 if loop.time() > deadline:
                     raise Timeout("%s: could not reconnect within %ss" % (self.boundjid, timeout))
                 await asyncio.sleep(0.3)
+
+    def _on_ping(self, iq):
+        if iq["type"] == "get":
+            self.pings.append(str(iq["from"]))
 
     # ---- presence
     def announce(self, ptype=None):
