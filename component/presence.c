@@ -29,7 +29,7 @@ static void send_presence(daemon_t *d, const char *to, const char *type)
 
 static void registry_update(daemon_t *d, store_presence_op_t op, const route_t *r)
 {
-    if (!d->store || store_presence(d->store, op, r->from_bare, r->from_jid.resource, d->epoch,
+    if (!d->store || store_presence(d->store, op, r->from_bare, r->from_jid.resource,
                                     daemon_now_ms(), NULL, NULL) < 0)
         log_warn("presence: storage unavailable; presence of %s not recorded", r->from);
 }
@@ -96,7 +96,7 @@ static void on_stale(void *ud, int err, const store_item_t *items, size_t n)
 
 void presence_on_epoch(daemon_t *d)
 {
-    if (d->store && store_presence_stale(d->store, d->epoch, STALE_MAX, on_stale, d) < 0)
+    if (d->store && store_presence_stale(d->store, STALE_MAX, on_stale, d) < 0)
         log_warn("presence: storage unavailable; resources from before the link stay offline");
 }
 

@@ -146,7 +146,6 @@ static void relay_store(daemon_t *d, xmpp_stanza_t *msg, const char *recipient,
         .dedupe_s = d->cfg.dedupe_s,
         .max_messages = d->cfg.max_offline_messages,
         .max_bytes = d->cfg.max_offline_bytes,
-        .epoch = d->epoch,
     };
     int rc = d->store ? store_put_message(d->store, &req, on_put, pc) : STORE_EDOWN;
     if (rc < 0)
@@ -246,7 +245,7 @@ void relay_handle_message(daemon_t *d, xmpp_stanza_t *msg, const route_t *r)
         /* A push of ours bounced: the resource is gone. The sender is the relay node. */
         if (id && r->from_jid.resource[0] && d->store)
             store_bounce(d->store, r->from_bare, r->peer_bare, id, r->from_jid.resource,
-                         d->epoch, NULL, NULL);
+                         NULL, NULL);
         return;
     }
     const char *rid;

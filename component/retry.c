@@ -26,8 +26,8 @@ static void on_tick(uv_timer_t *t)
     if (d->due_inflight || !d->store || !store_is_connected(d->store) || !d->link ||
         !link_is_up(d->link))
         return;
-    if (store_claim_due(d->store, daemon_now_ms(), d->cfg.retry_ms, d->epoch, DUE_MAX_USERS,
-                        on_due, d) == 0)
+    if (store_claim_due(d->store, daemon_now_ms(), d->cfg.retry_ms, DUE_MAX_USERS, on_due,
+                        d) == 0)
         d->due_inflight = true;
 }
 

@@ -5,10 +5,13 @@
 #include "scripts.h"
 
 /* Shared by the scripts that need them: who is online for the current link epoch, and moving a
- * pending message to the offline queue. */
+ * pending message to the offline queue. The epoch is read here, not passed in, so that every
+ * receiptd instance sharing this Redis agrees on it: any instance's re-attach makes all earlier
+ * presence unverified for all of them. */
 #define LUA_HELPERS                                                                                \
-    "local function online(P, epoch)\n"                                                            \
-    "  local res, rs = {}, redis.call('HGETALL', P .. ':r')\n"                                     \
+    "local function epoch() return redis.call('GET', 'rd:epoch') or '0' end\n"                     \
+    "local function online(P)\n"                                                                   \
+    "  local res, rs, epoch = {}, redis.call('HGETALL', P .. ':r'), epoch()\n"                     \
     "  for i = 1, #rs, 2 do if rs[i + 1] == epoch then res[#res + 1] = rs[i] end end\n"            \
     "  return res\n"                                                                               \
     "end\n"                                                                                        \
@@ -22,7 +25,7 @@
     "end\n"
 
 /* KEYS: P, rd:due. ARGV: user, sender, orig id ('' = none), suffix, blob, track (1 = receipt
- * requested: dedupe and keep pending), now, retry_ms, window_ms, dedupe_s, epoch, max_n, max_b.
+ * requested: dedupe and keep pending), now, retry_ms, window_ms, dedupe_s, max_n, max_b.
  * Returns {'dup', S} | {'full'} | {'live', S or '', resource...} | {'offline', S}. */
 static const char put_lua[] =
     LUA_HELPERS
@@ -34,11 +37,11 @@ static const char put_lua[] =
     "  local prev = redis.call('GET', P .. ':dd:' .. okey)\n"
     "  if prev then return {'dup', prev} end\n"
     "end\n"
-    "local res = online(P, ARGV[11])\n"
+    "local res = online(P)\n"
     "if #res > 0 and not track then return {'live', '', unpack(res)} end\n"
     "local n = redis.call('ZCARD', P .. ':q') + redis.call('ZCARD', P .. ':p')\n"
     "local b = tonumber(redis.call('GET', P .. ':qb') or '0')\n"
-    "if n >= tonumber(ARGV[12]) or b + #blob > tonumber(ARGV[13]) then return {'full'} end\n"
+    "if n >= tonumber(ARGV[11]) or b + #blob > tonumber(ARGV[12]) then return {'full'} end\n"
     "local seq = redis.call('INCR', P .. ':seq')\n"
     "local sid = seq .. '-' .. ARGV[4]\n"
     "redis.call('HSET', P .. ':m', sid, blob)\n"
@@ -86,7 +89,7 @@ static const char ack_lua[] =
     "end\n"
     "return out\n";
 
-/* KEYS: P, rd:online. ARGV: user, "sender origid", resource, epoch. The resource is gone; when
+/* KEYS: P, rd:online. ARGV: user, "sender origid", resource. The resource is gone; when
  * the user has no other online resource, the bounced message goes to the offline queue now.
  * Returns the moved S or false. */
 static const char bounce_lua[] =
@@ -96,24 +99,24 @@ static const char bounce_lua[] =
     "if redis.call('HLEN', P .. ':r') == 0 then redis.call('SREM', KEYS[2], ARGV[1]) end\n"
     "local sid = redis.call('HGET', P .. ':o', ARGV[2])\n"
     "if not sid or not redis.call('ZSCORE', P .. ':p', sid) then return false end\n"
-    "if #online(P, ARGV[4]) > 0 then return false end\n"
+    "if #online(P) > 0 then return false end\n"
     "local blob = redis.call('HGET', P .. ':m', sid)\n"
     "if not blob then return false end\n"
     "to_offline(P, sid, blob)\n"
     "return sid\n";
 
-/* KEYS: rd:due. ARGV: now, retry_ms, epoch, max users. For each user whose earliest pending
+/* KEYS: rd:due. ARGV: now, retry_ms, max users. For each user whose earliest pending
  * message is due: past its delivery window or with nobody online it moves to the offline queue,
  * otherwise it is rescheduled and returned for retransmission. Returns
  * {user, {resource...}, {S, blob, ...}, ...} for users with something to resend. */
 static const char due_lua[] =
     LUA_HELPERS
     "local now, retry = tonumber(ARGV[1]), tonumber(ARGV[2])\n"
-    "local users = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, ARGV[4])\n"
+    "local users = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, ARGV[3])\n"
     "local out = {}\n"
     "for _, u in ipairs(users) do\n"
     "  local P = 'rd:{' .. u .. '}'\n"
-    "  local res = online(P, ARGV[3])\n"
+    "  local res = online(P)\n"
     "  local resend = {}\n"
     "  for _, sid in ipairs(redis.call('ZRANGEBYSCORE', P .. ':p', '-inf', now)) do\n"
     "    local blob = redis.call('HGET', P .. ':m', sid)\n"
@@ -139,35 +142,37 @@ static const char due_lua[] =
     "end\n"
     "return out\n";
 
-/* KEYS: P, rd:online, rd:due. ARGV: 'set' | 'del' | 'verify', user, resource, epoch, now.
+/* KEYS: P, rd:online, rd:due. ARGV: 'set' | 'del' | 'verify', user, resource, now.
  * 'verify' marks a resource online again only if it is still registered (it answered our ping
  * after a reconnect, and no unavailable came in between). When the last resource leaves, the
  * user's pending messages fall due now, so they reach the offline queue without waiting out a
  * retry interval. */
 static const char presence_lua[] =
+    LUA_HELPERS
     "local P, op, user, res = KEYS[1], ARGV[1], ARGV[2], ARGV[3]\n"
     "if op == 'set' then\n"
-    "  redis.call('HSET', P .. ':r', res, ARGV[4])\n"
+    "  redis.call('HSET', P .. ':r', res, epoch())\n"
     "  redis.call('SADD', KEYS[2], user)\n"
     "elseif op == 'verify' then\n"
-    "  if redis.call('HEXISTS', P .. ':r', res) == 1 then redis.call('HSET', P .. ':r', res, ARGV[4]) end\n"
+    "  if redis.call('HEXISTS', P .. ':r', res) == 1 then redis.call('HSET', P .. ':r', res, epoch()) end\n"
     "else\n"
     "  redis.call('HDEL', P .. ':r', res)\n"
     "  if redis.call('HLEN', P .. ':r') == 0 then\n"
     "    redis.call('SREM', KEYS[2], user)\n"
-    "    if redis.call('ZCARD', P .. ':p') > 0 then redis.call('ZADD', KEYS[3], ARGV[5], user) end\n"
+    "    if redis.call('ZCARD', P .. ':p') > 0 then redis.call('ZADD', KEYS[3], ARGV[4], user) end\n"
     "  end\n"
     "end\n"
     "return 1\n";
 
-/* KEYS: rd:online. ARGV: epoch, max. Returns {user, resource, ...} registered under an older
+/* KEYS: rd:online. ARGV: max. Returns {user, resource, ...} registered under an older
  * link epoch: the resources to ping after a reconnect. */
 static const char stale_lua[] =
-    "local out = {}\n"
+    LUA_HELPERS
+    "local out, cur = {}, epoch()\n"
     "for _, u in ipairs(redis.call('SMEMBERS', KEYS[1])) do\n"
     "  local rs = redis.call('HGETALL', 'rd:{' .. u .. '}:r')\n"
     "  for i = 1, #rs, 2 do\n"
-    "    if rs[i + 1] ~= ARGV[1] and #out < 2 * tonumber(ARGV[2]) then\n"
+    "    if rs[i + 1] ~= cur and #out < 2 * tonumber(ARGV[1]) then\n"
     "      out[#out + 1] = u\n"
     "      out[#out + 1] = rs[i]\n"
     "    end\n"

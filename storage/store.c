@@ -582,7 +582,6 @@ int store_put_message(store_t *st, const store_put_t *p, store_put_cb cb, void *
     cmd_add_num(&c, p->retry_ms);
     cmd_add_num(&c, p->window_ms);
     cmd_add_num(&c, p->dedupe_s);
-    cmd_add(&c, p->epoch);
     cmd_add_num(&c, (int64_t)p->max_messages);
     cmd_add_num(&c, (int64_t)p->max_bytes);
     return send_argv(st, rq, c.argc, c.argv, c.lens);
@@ -646,7 +645,7 @@ int store_ack_origin(store_t *st, const char *user, const char *sender, const ch
 }
 
 int store_bounce(store_t *st, const char *user, const char *sender, const char *orig_id,
-                 const char *resource, const char *epoch, store_done_cb cb, void *ud)
+                 const char *resource, store_done_cb cb, void *ud)
 {
     char prefix[PREFIX_MAX], okey[OKEY_MAX];
     cmd_t c;
@@ -663,12 +662,11 @@ int store_bounce(store_t *st, const char *user, const char *sender, const char *
     cmd_add(&c, user);
     cmd_add(&c, okey);
     cmd_add(&c, resource);
-    cmd_add(&c, epoch);
     return send_argv(st, rq, c.argc, c.argv, c.lens);
 }
 
 int store_presence(store_t *st, store_presence_op_t op, const char *user, const char *resource,
-                   const char *epoch, int64_t now_ms, store_done_cb cb, void *ud)
+                   int64_t now_ms, store_done_cb cb, void *ud)
 {
     static const char *const ops[] = {"set", "del", "verify"};
     char prefix[PREFIX_MAX];
@@ -686,13 +684,11 @@ int store_presence(store_t *st, store_presence_op_t op, const char *user, const 
     cmd_add(&c, ops[op]);
     cmd_add(&c, user);
     cmd_add(&c, resource);
-    cmd_add(&c, epoch);
     cmd_add_num(&c, now_ms);
     return send_argv(st, rq, c.argc, c.argv, c.lens);
 }
 
-int store_presence_stale(store_t *st, const char *epoch, unsigned max, store_items_cb cb,
-                         void *ud)
+int store_presence_stale(store_t *st, unsigned max, store_items_cb cb, void *ud)
 {
     cmd_t c;
     req_t *rq = req_new(REQ_ITEMS, ud);
@@ -701,7 +697,6 @@ int store_presence_stale(store_t *st, const char *epoch, unsigned max, store_ite
     rq->cb.items = cb;
     cmd_evalsha(&c, st, STORE_SCRIPT_STALE, 1);
     cmd_add(&c, KEY_ONLINE);
-    cmd_add(&c, epoch);
     cmd_add_num(&c, max);
     return send_argv(st, rq, c.argc, c.argv, c.lens);
 }
@@ -718,8 +713,8 @@ int store_epoch_next(store_t *st, store_epoch_cb cb, void *ud)
     return send_argv(st, rq, c.argc, c.argv, c.lens);
 }
 
-int store_claim_due(store_t *st, int64_t now_ms, int64_t retry_ms, const char *epoch,
-                    unsigned max_users, store_due_cb cb, void *ud)
+int store_claim_due(store_t *st, int64_t now_ms, int64_t retry_ms, unsigned max_users,
+                    store_due_cb cb, void *ud)
 {
     cmd_t c;
     req_t *rq = req_new(REQ_DUE, ud);
@@ -730,7 +725,6 @@ int store_claim_due(store_t *st, int64_t now_ms, int64_t retry_ms, const char *e
     cmd_add(&c, KEY_DUE);
     cmd_add_num(&c, now_ms);
     cmd_add_num(&c, retry_ms);
-    cmd_add(&c, epoch);
     cmd_add_num(&c, max_users);
     return send_argv(st, rq, c.argc, c.argv, c.lens);
 }

@@ -63,7 +63,6 @@ typedef struct store_put {
     int64_t now_ms;
     int64_t retry_ms, window_ms, dedupe_s;
     uint64_t max_messages, max_bytes;
-    const char *epoch;
 } store_put_t;
 
 typedef struct store_put_result {
@@ -86,15 +85,16 @@ int store_ack_origin(store_t *st, const char *user, const char *sender, const ch
 /* --- bounce: resource of user is gone; moves the message offline when nobody else is online -- */
 typedef void (*store_done_cb)(void *ud, int err);
 int store_bounce(store_t *st, const char *user, const char *sender, const char *orig_id,
-                 const char *resource, const char *epoch, store_done_cb cb, void *ud);
+                 const char *resource, store_done_cb cb, void *ud);
 
-/* --- presence --------------------------------------------------------------------------------- */
+/* --- presence ---------------------------------------------------------------------------------
+ * A resource is online when its registry entry carries the current link epoch (rd:epoch), which
+ * every attach of any receiptd instance increments: see storage/SCHEMA.md. */
 typedef enum { STORE_PRESENCE_SET, STORE_PRESENCE_DEL, STORE_PRESENCE_VERIFY } store_presence_op_t;
 int store_presence(store_t *st, store_presence_op_t op, const char *user, const char *resource,
-                   const char *epoch, int64_t now_ms, store_done_cb cb, void *ud);
-/* Resources registered under another epoch, as (user, resource) pairs in items[i].sid/.blob. */
-int store_presence_stale(store_t *st, const char *epoch, unsigned max, store_items_cb cb,
-                         void *ud);
+                   int64_t now_ms, store_done_cb cb, void *ud);
+/* Resources registered under an older epoch, as (user, resource) pairs in items[i].sid/.blob. */
+int store_presence_stale(store_t *st, unsigned max, store_items_cb cb, void *ud);
 /* INCR of the link epoch; the new value as a decimal string. */
 typedef void (*store_epoch_cb)(void *ud, int err, const char *epoch);
 int store_epoch_next(store_t *st, store_epoch_cb cb, void *ud);
@@ -108,8 +108,8 @@ typedef struct store_due {
     size_t nitems;
 } store_due_t;
 typedef void (*store_due_cb)(void *ud, int err, const store_due_t *due, size_t n);
-int store_claim_due(store_t *st, int64_t now_ms, int64_t retry_ms, const char *epoch,
-                    unsigned max_users, store_due_cb cb, void *ud);
+int store_claim_due(store_t *st, int64_t now_ms, int64_t retry_ms, unsigned max_users,
+                    store_due_cb cb, void *ud);
 
 /* --- reading the offline queue ----------------------------------------------------------------- */
 /* ends[0] and ends[1] are the oldest and newest messages (sid NULL, blob_len 0 when the queue

@@ -47,7 +47,7 @@ static void on_put(void *ud, int err, const store_put_result_t *r)
 }
 
 static int put(const char *user, const char *sender, const char *id, bool track, uint64_t max_n,
-               int64_t now, const char *epoch)
+               int64_t now)
 {
     proto_buf_t b;
     proto_buf_init(&b);
@@ -56,7 +56,7 @@ static int put(const char *user, const char *sender, const char *id, bool track,
     store_put_t req = {.user = user, .sender = sender, .orig_id = id, .blob = b.data,
                        .blob_len = b.len, .track = track, .now_ms = now, .retry_ms = 100,
                        .window_ms = 1000, .dedupe_s = 60, .max_messages = max_n,
-                       .max_bytes = 1 << 20, .epoch = epoch};
+                       .max_bytes = 1 << 20};
     int rc = store_put_message(st, &req, on_put, NULL);
     if (rc == 0)
         run_until_done();
@@ -125,13 +125,13 @@ static void test_offline_queue(void)
     for (int i = 0; i < 3; i++) {
         char id[8];
         snprintf(id, sizeof id, "m%d", i);
-        CHECK(put(bob, alice, id, true, 100, 1000 + i, "0") == 0);
+        CHECK(put(bob, alice, id, true, 100, 1000 + i) == 0);
         CHECK(put_err == 0 && put_res.status == STORE_PUT_OFFLINE);
         snprintf(sids[i], sizeof sids[i], "%s", put_sid);
     }
     CHECK(strncmp(sids[0], "1-", 2) == 0 && strncmp(sids[2], "3-", 2) == 0);
     /* The same (sender, id) again: the first stanza id, nothing stored. */
-    CHECK(put(bob, alice, "m1", true, 100, 2000, "0") == 0);
+    CHECK(put(bob, alice, "m1", true, 100, 2000) == 0);
     CHECK(put_res.status == STORE_PUT_DUP);
     CHECK_STR(put_sid, sids[1]);
 
@@ -153,7 +153,7 @@ static void test_offline_queue(void)
     CHECK(items_n == 1 && !fetch_complete);
 
     /* Quota: 3 queued, at most 3. */
-    CHECK(put(bob, alice, "m9", true, 3, 3000, "0") == 0);
+    CHECK(put(bob, alice, "m9", true, 3, 3000) == 0);
     CHECK(put_res.status == STORE_PUT_FULL);
 
     /* Another user's ack of bob's ids clears nothing. */
@@ -185,30 +185,38 @@ static void test_live_and_due(void)
     CHECK(store_epoch_next(st, on_epoch, NULL) == 0);
     run_until_done();
     CHECK(epoch[0] != '\0');
-    CHECK(store_presence(st, STORE_PRESENCE_SET, carol, "tab", epoch, 0, on_done, &err) == 0);
+    CHECK(store_presence(st, STORE_PRESENCE_SET, carol, "tab", 0, on_done, &err) == 0);
     run_until_done();
     CHECK(err == 0);
 
-    CHECK(put(carol, alice, "l1", true, 100, 10000, epoch) == 0);
+    CHECK(put(carol, alice, "l1", true, 100, 10000) == 0);
     CHECK(put_res.status == STORE_PUT_LIVE && put_res.nresources == 1);
     CHECK_STR(put_res0, "tab");
-    /* Under an older epoch the same resource does not count as online. */
-    CHECK(put(carol, alice, "l2", true, 100, 10000, "0") == 0);
+    /* After another attach (any instance's) the resource is unverified: not online. */
+    char before[32];
+    snprintf(before, sizeof before, "%s", epoch);
+    CHECK(store_epoch_next(st, on_epoch, NULL) == 0);
+    run_until_done();
+    CHECK(put(carol, alice, "l2", true, 100, 10000) == 0);
     CHECK(put_res.status == STORE_PUT_OFFLINE);
+    /* Verified again (it answered a ping): online. */
+    CHECK(store_presence(st, STORE_PRESENCE_VERIFY, carol, "tab", 0, on_done, &err) == 0);
+    run_until_done();
+    CHECK(strcmp(before, epoch) != 0);
     /* Without a receipt request a live message is pushed, not kept. */
-    CHECK(put(carol, alice, "l3", false, 100, 10000, epoch) == 0);
+    CHECK(put(carol, alice, "l3", false, 100, 10000) == 0);
     CHECK(put_res.status == STORE_PUT_LIVE && put_sid[0] == '\0');
 
     /* Due after retry (100 ms): resent. */
-    CHECK(store_claim_due(st, 10150, 100, epoch, 10, on_due, NULL) == 0);
+    CHECK(store_claim_due(st, 10150, 100, 10, on_due, NULL) == 0);
     run_until_done();
     CHECK(due_users == 1 && due_items == 1);
     /* Not yet due again. */
-    CHECK(store_claim_due(st, 10200, 100, epoch, 10, on_due, NULL) == 0);
+    CHECK(store_claim_due(st, 10200, 100, 10, on_due, NULL) == 0);
     run_until_done();
     CHECK(due_users == 0);
     /* Past the delivery window (1000 ms): moved to the offline queue, not resent. */
-    CHECK(store_claim_due(st, 11100, 100, epoch, 10, on_due, NULL) == 0);
+    CHECK(store_claim_due(st, 11100, 100, 10, on_due, NULL) == 0);
     run_until_done();
     CHECK(due_users == 0);
     CHECK(store_summary(st, carol, 0, on_summary, NULL) == 0);
@@ -216,31 +224,31 @@ static void test_live_and_due(void)
     CHECK(sum_count == 2);
 
     /* A bounce with nobody else online moves the message offline at once. */
-    CHECK(put(carol, alice, "l4", true, 100, 20000, epoch) == 0);
+    CHECK(put(carol, alice, "l4", true, 100, 20000) == 0);
     CHECK(put_res.status == STORE_PUT_LIVE);
-    CHECK(store_bounce(st, carol, "alice@t1", "l4", "tab", epoch, on_done, &err) == 0);
+    CHECK(store_bounce(st, carol, "alice@t1", "l4", "tab", on_done, &err) == 0);
     run_until_done();
     CHECK(store_summary(st, carol, 0, on_summary, NULL) == 0);
     run_until_done();
     CHECK(sum_count == 3);
     /* And the bounced resource is no longer online. */
-    CHECK(put(carol, alice, "l5", true, 100, 20000, epoch) == 0);
+    CHECK(put(carol, alice, "l5", true, 100, 20000) == 0);
     CHECK(put_res.status == STORE_PUT_OFFLINE);
 
     /* Stale resources after a new epoch. */
-    CHECK(store_presence(st, STORE_PRESENCE_SET, carol, "pc", epoch, 0, on_done, &err) == 0);
+    CHECK(store_presence(st, STORE_PRESENCE_SET, carol, "pc", 0, on_done, &err) == 0);
     run_until_done();
     char old[32];
     snprintf(old, sizeof old, "%s", epoch);
     CHECK(store_epoch_next(st, on_epoch, NULL) == 0);
     run_until_done();
     CHECK(strcmp(old, epoch) != 0);
-    CHECK(store_presence_stale(st, epoch, 100, on_items, NULL) == 0);
+    CHECK(store_presence_stale(st, 100, on_items, NULL) == 0);
     run_until_done();
     CHECK(items_n == 1);
-    CHECK(store_presence(st, STORE_PRESENCE_VERIFY, carol, "pc", epoch, 0, on_done, &err) == 0);
+    CHECK(store_presence(st, STORE_PRESENCE_VERIFY, carol, "pc", 0, on_done, &err) == 0);
     run_until_done();
-    CHECK(store_presence_stale(st, epoch, 100, on_items, NULL) == 0);
+    CHECK(store_presence_stale(st, 100, on_items, NULL) == 0);
     run_until_done();
     CHECK(items_n == 0);
 }
