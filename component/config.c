@@ -31,7 +31,10 @@ static const key_t_ keys[] = {
     {"component", "log_level", K_LEVEL, 0, 0, OFF(log_level)},
     {"redis", "host", K_STR, 0, 0, OFF(redis_host)},
     {"redis", "port", K_PORT, 1, 65535, OFF(redis_port)},
+    {"redis", "socket", K_STR, 0, 0, OFF(redis_socket)},
+    {"redis", "password", K_STR, 0, 0, OFF(redis_password)},
     {"redis", "max_inflight", K_UINT, 1, 1000000, OFF(redis_max_inflight)},
+    {"redis", "timeout", K_SECONDS, 100, 3600000, OFF(redis_timeout_ms)},
     {"sqlite", "path", K_STR, 0, 0, OFF(sqlite_path)},
     {"delivery", "retry_interval", K_SECONDS, 10, 86400000, OFF(retry_ms)},
     {"delivery", "delivery_window", K_SECONDS, 10, 86400000 * 30ull, OFF(window_ms)},
@@ -173,6 +176,7 @@ static void set_defaults(config_t *cfg)
     cfg->redis_host = strdup("127.0.0.1");
     cfg->redis_port = 6379;
     cfg->redis_max_inflight = 10000;
+    cfg->redis_timeout_ms = 5000;
     cfg->sqlite_path = strdup("receiptd.sqlite3");
     cfg->retry_ms = 5000;
     cfg->window_ms = 30000;
@@ -223,6 +227,8 @@ void config_free(config_t *cfg)
     for (size_t i = 0; i < cfg->n_user_domains; i++)
         free(cfg->user_domains[i]);
     free(cfg->redis_host);
+    free(cfg->redis_socket);
+    free(cfg->redis_password);
     free(cfg->sqlite_path);
     memset(cfg, 0, sizeof *cfg);
 }

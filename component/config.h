@@ -21,7 +21,10 @@ typedef struct config {
 
     char *redis_host;
     int redis_port;
+    char *redis_socket;   /* NULL: TCP */
+    char *redis_password; /* NULL: no AUTH */
     unsigned redis_max_inflight;
+    int64_t redis_timeout_ms;
 
     char *sqlite_path;
 

@@ -111,7 +111,10 @@ static void on_store_state(void *ud, int connected, const char *err)
     uint64_t now = (uint64_t)daemon_now_ms();
     if (connected) {
         log_throttle_reset(&d->store_log);
-        log_info("store: connected to Redis at %s:%d", d->cfg.redis_host, d->cfg.redis_port);
+        if (d->cfg.redis_socket)
+            log_info("store: connected to Redis at %s", d->cfg.redis_socket);
+        else
+            log_info("store: connected to Redis at %s:%d", d->cfg.redis_host, d->cfg.redis_port);
         store_config_get(d->store, "appendonly", on_persistence, d);
         store_config_get(d->store, "appendfsync", on_fsync, d);
         maybe_start_epoch(d);
@@ -212,7 +215,9 @@ int main(int argc, char **argv)
         return 1;
     }
 
-    store_config_t scfg = {d->cfg.redis_host, d->cfg.redis_port, d->cfg.redis_max_inflight};
+    store_config_t scfg = {d->cfg.redis_host,       d->cfg.redis_port,
+                           d->cfg.redis_socket,     d->cfg.redis_password,
+                           d->cfg.redis_max_inflight, (unsigned)d->cfg.redis_timeout_ms};
     link_config_t lcfg = {d->cfg.server_host, d->cfg.server_port, d->cfg.jid, d->cfg.secret,
                           d->cfg.max_stanza_bytes, 64u << 20};
     link_callbacks_t lcb = {on_link_up, on_link_down, on_link_stanza};

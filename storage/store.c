@@ -26,11 +26,16 @@ struct store {
     uv_loop_t *loop;
     char *host;
     int port;
+    char *socket;
+    char *password;
+    unsigned timeout_ms;
+    uv_timer_t watchdog;
+    uint64_t last_progress; /* loop time of the last reply, or of the first request in flight */
     unsigned max_inflight;
     redisAsyncContext *ac;
     bool connected;
     bool closing;
-    bool timer_closed;
+    int timer_closed; /* how many of the two timers have closed */
     uv_timer_t retry_timer;
     unsigned backoff_ms;
     unsigned inflight;
@@ -97,7 +102,7 @@ static void on_script_loaded(redisAsyncContext *ac, void *reply, void *privdata)
         return; /* the connection went away; on_disconnect handles it */
     if (r->type == REDIS_REPLY_ERROR && !st->scripts_failed) {
         st->scripts_failed = true;
-        snprintf(st->load_error, sizeof st->load_error, "SCRIPT LOAD failed: %s", r->str);
+        snprintf(st->load_error, sizeof st->load_error, "setup failed: %s", r->str);
     }
     if (--st->scripts_pending > 0)
         return;
@@ -126,6 +131,11 @@ static void on_connect(const redisAsyncContext *cac, int status)
     }
     st->scripts_pending = STORE_SCRIPT_COUNT;
     st->scripts_failed = false;
+    /* AUTH first: Redis runs one connection's commands in order, so the loads are authorized. */
+    if (st->password) {
+        st->scripts_pending++;
+        redisAsyncCommand(st->ac, on_script_loaded, st, "AUTH %s", st->password);
+    }
     for (int i = 0; i < STORE_SCRIPT_COUNT; i++)
         redisAsyncCommand(st->ac, on_script_loaded, st, "SCRIPT LOAD %s",
                           store_script_source((store_script_t)i));
@@ -135,8 +145,10 @@ static void on_connect(const redisAsyncContext *cac, int status)
  * after store_close can be later than the timer: hiredis waits for replies still in flight. */
 static void maybe_free(store_t *st)
 {
-    if (st->closing && st->timer_closed && !st->ac) {
+    if (st->closing && st->timer_closed == 2 && !st->ac) {
         free(st->host);
+        free(st->socket);
+        free(st->password);
         free(st);
     }
 }
@@ -158,7 +170,8 @@ static void on_disconnect(const redisAsyncContext *cac, int status)
 
 static void store_connect(store_t *st)
 {
-    redisAsyncContext *ac = redisAsyncConnect(st->host, st->port);
+    redisAsyncContext *ac = st->socket ? redisAsyncConnectUnix(st->socket)
+                                       : redisAsyncConnect(st->host, st->port);
     if (!ac || ac->err) {
         if (st->on_state)
             st->on_state(st->ud, 0, ac ? ac->errstr : "out of memory");
@@ -178,19 +191,53 @@ static void store_connect(store_t *st)
     st->ac = ac;
 }
 
+/* hiredis has no request timeout: without this, a paused Redis would hold every sender's
+ * request (and its memory) until it resumes. Dropping the context fails them all with
+ * STORE_EDOWN, so senders get a wait error and retry; a write that did happen is found again by
+ * dedupe. */
+static void on_watchdog(uv_timer_t *t)
+{
+    store_t *st = t->data;
+    if (!st->ac || st->inflight == 0 || st->closing)
+        return;
+    if (uv_now(st->loop) - st->last_progress < st->timeout_ms)
+        return;
+    redisAsyncContext *ac = st->ac;
+    bool was = st->connected;
+    st->connected = false;
+    if (st->on_state && was)
+        st->on_state(st->ud, 0, "Redis did not answer in time; reconnecting");
+    /* on_disconnect runs inside redisAsyncFree (the context was connected) and reschedules. */
+    redisAsyncFree(ac);
+    if (st->ac == ac) {
+        st->ac = NULL;
+        schedule_reconnect(st);
+    }
+}
+
 int store_create(uv_loop_t *loop, const store_config_t *cfg, store_state_cb on_state, void *ud,
                  store_t **out)
 {
     store_t *st = calloc(1, sizeof *st);
     if (!st)
         return STORE_ENOMEM;
-    st->host = strdup(cfg->host);
+    st->host = strdup(cfg->host ? cfg->host : "127.0.0.1");
     if (!st->host) {
+        free(st);
+        return STORE_ENOMEM;
+    }
+    st->socket = cfg->socket ? strdup(cfg->socket) : NULL;
+    st->password = cfg->password ? strdup(cfg->password) : NULL;
+    if ((cfg->socket && !st->socket) || (cfg->password && !st->password)) {
+        free(st->host);
+        free(st->socket);
+        free(st->password);
         free(st);
         return STORE_ENOMEM;
     }
     st->loop = loop;
     st->port = cfg->port;
+    st->timeout_ms = cfg->timeout_ms ? cfg->timeout_ms : 5000;
     st->max_inflight = cfg->max_inflight ? cfg->max_inflight : 10000;
     st->on_state = on_state;
     st->ud = ud;
@@ -204,6 +251,9 @@ int store_create(uv_loop_t *loop, const store_config_t *cfg, store_state_cb on_s
     }
     uv_timer_init(loop, &st->retry_timer);
     st->retry_timer.data = st;
+    uv_timer_init(loop, &st->watchdog);
+    st->watchdog.data = st;
+    uv_timer_start(&st->watchdog, on_watchdog, 250, 250);
     store_connect(st);
     *out = st;
     return 0;
@@ -212,7 +262,7 @@ int store_create(uv_loop_t *loop, const store_config_t *cfg, store_state_cb on_s
 static void on_timer_closed(uv_handle_t *h)
 {
     store_t *st = h->data;
-    st->timer_closed = true;
+    st->timer_closed++;
     maybe_free(st);
 }
 
@@ -223,6 +273,7 @@ void store_close(store_t *st)
     st->connected = false;
     uv_timer_stop(&st->retry_timer);
     uv_close((uv_handle_t *)&st->retry_timer, on_timer_closed);
+    uv_close((uv_handle_t *)&st->watchdog, on_timer_closed);
     if (st->ac && was_connected) {
         /* Graceful: replies in flight still reach their callbacks, then on_disconnect runs. */
         redisAsyncDisconnect(st->ac);
@@ -464,6 +515,7 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *privdata)
     redisReply *r = reply;
     store_t *st = rq->st;
     st->inflight--;
+    st->last_progress = uv_now(st->loop);
     /* Scripts vanish on SCRIPT FLUSH or when a replica without them is promoted: reconnect,
      * which loads them again. This request fails; its sender retries. */
     if (r && r->type == REDIS_REPLY_ERROR && strncmp(r->str, "NOSCRIPT", 8) == 0 &&
@@ -496,7 +548,8 @@ static int send_argv(store_t *st, req_t *rq, int argc, const char **argv, const 
         free(rq);
         return STORE_EDOWN;
     }
-    st->inflight++;
+    if (st->inflight++ == 0)
+        st->last_progress = uv_now(st->loop);
     return 0;
 }
 

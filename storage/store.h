@@ -25,7 +25,12 @@ typedef struct store store_t;
 typedef struct store_config {
     const char *host;
     int port;
+    const char *socket;   /* unix socket path; when set, host and port are not used */
+    const char *password; /* AUTH before anything else; NULL for none */
     unsigned max_inflight;
+    /* A Redis that answers nothing for this long (paused, wedged, network black hole) is dropped:
+     * requests in flight fail with STORE_EDOWN and the store reconnects. 0: 5000. */
+    unsigned timeout_ms;
 } store_config_t;
 
 /* connected: 1 when (re)connected and scripts are loaded, 0 when the connection was lost or a

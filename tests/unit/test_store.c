@@ -1,5 +1,6 @@
 /* storage/ against a real redis-server (tests/unit/with-redis.sh starts one and sets
  * REDIS_PORT). Each step runs the loop until its callback has run. */
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -258,29 +259,80 @@ static void on_guard(uv_timer_t *t)
     (void)t;
 }
 
+/* Runs the loop until the state callback reports, or about 3 s pass. A ticking timer makes
+ * each loop turn return, so a missing report fails instead of hanging. */
+static uv_timer_t tick;
+static void wait_state(void)
+{
+    uv_timer_start(&tick, on_guard, 10, 10);
+    for (int i = 0; i < 300 && connected == -1; i++)
+        uv_run(&loop, UV_RUN_ONCE);
+    uv_timer_stop(&tick);
+}
+
 /* A Redis that is down must be reported (and retried), not waited on forever: a refused
  * connect arrives as a poll error, which the stock hiredis libuv adapter dropped. */
 static void test_refused_connect_is_reported(void)
 {
     store_t *dead;
-    store_config_t cfg = {"127.0.0.1", atoi(getenv("REDIS_DEAD_PORT")), 10};
+    store_config_t cfg = {.host = "127.0.0.1", .port = atoi(getenv("REDIS_DEAD_PORT")),
+                          .max_inflight = 10};
     connected = -1;
     CHECK(store_create(&loop, &cfg, on_state, NULL, &dead) == 0);
-    /* A ticking timer makes each loop turn return, so a missing report fails, not hangs. */
-    static uv_timer_t guard; /* outlives this function until its close callback ran */
-    uv_timer_init(&loop, &guard);
-    uv_timer_start(&guard, on_guard, 10, 10);
-    for (int i = 0; i < 300 && connected == -1; i++)
-        uv_run(&loop, UV_RUN_ONCE);
+    wait_state();
     CHECK(connected == 0);
     /* Requests on a store that is down fail at once, without a callback. */
     CHECK(store_epoch_next(dead, on_epoch, NULL) == STORE_EDOWN);
-    uv_close((uv_handle_t *)&guard, NULL);
     store_close(dead);
+}
+
+static void test_socket_and_auth(void)
+{
+    store_t *s2;
+    store_config_t cfg = {.socket = getenv("REDIS_SOCKET"), .password = getenv("REDIS_PASSWORD"),
+                          .max_inflight = 10};
+    connected = -1;
+    CHECK(store_create(&loop, &cfg, on_state, NULL, &s2) == 0);
+    wait_state();
+    CHECK(connected == 1);
+    store_close(s2);
+
+    /* A wrong password is reported as a failure, not taken for a connection. */
+    store_config_t bad = {.host = "127.0.0.1", .port = atoi(getenv("REDIS_PORT")),
+                          .password = "wrong", .max_inflight = 10};
+    connected = -1;
+    CHECK(store_create(&loop, &bad, on_state, NULL, &s2) == 0);
+    wait_state();
+    CHECK(connected == 0);
+    CHECK(store_epoch_next(s2, on_epoch, NULL) == STORE_EDOWN);
+    store_close(s2);
+}
+
+/* A paused Redis must not hold requests forever: past the timeout they fail and the store
+ * reconnects once Redis answers again. */
+static void test_paused_redis_times_out(void)
+{
+    pid_t pid = (pid_t)atoi(getenv("REDIS_PID"));
+    kill(pid, SIGSTOP);
+    epoch[0] = 'x';
+    CHECK(store_epoch_next(st, on_epoch, NULL) == 0);
+    connected = -1;
+    run_until_done(); /* the epoch callback, with an error, after ~300 ms */
+    CHECK(epoch[0] == '\0');
+    wait_state();     /* the state change may have come first */
+    CHECK(connected == 0 || !store_is_connected(st));
+    kill(pid, SIGCONT);
+    connected = -1;
+    wait_state();
+    CHECK(connected == 1);
+    CHECK(store_epoch_next(st, on_epoch, NULL) == 0);
+    run_until_done();
+    CHECK(epoch[0] != '\0');
 }
 
 static void test_closed_store_refuses(void)
 {
+    uv_close((uv_handle_t *)&tick, NULL);
     store_close(st);
     st = NULL;
     uv_run(&loop, UV_RUN_DEFAULT);
@@ -295,13 +347,18 @@ int main(void)
         return 1;
     }
     uv_loop_init(&loop);
-    store_config_t cfg = {"127.0.0.1", atoi(port), 100};
+    uv_timer_init(&loop, &tick);
+    store_config_t cfg = {.host = "127.0.0.1", .port = atoi(port),
+                          .password = getenv("REDIS_PASSWORD"), .max_inflight = 100,
+                          .timeout_ms = 300};
     CHECK(store_create(&loop, &cfg, on_state, NULL, &st) == 0);
     run_until_done();
     CHECK(connected == 1);
     if (connected) {
         test_offline_queue();
         test_live_and_due();
+        test_socket_and_auth();
+        test_paused_redis_times_out();
     }
     test_refused_connect_is_reported();
     test_closed_store_refuses();
