@@ -56,6 +56,9 @@ int64_t daemon_now_ms(void);
 /* Sends a stanza error in reply to stanza (type: cancel, modify, wait, auth). */
 void daemon_reply_error(daemon_t *d, xmpp_stanza_t *stanza, const char *type,
                         const char *condition, const char *text);
+/* The wait error for a store request that failed with err: resource-constraint when over the
+ * in-flight bound, internal-server-error when Redis is unreachable. Counted in the stats. */
+void daemon_reply_storage_error(daemon_t *d, xmpp_stanza_t *stanza, int err);
 /* Sends and releases s. */
 void daemon_send(daemon_t *d, xmpp_stanza_t *s);
 void daemon_send_text(daemon_t *d, const char *text, size_t len);

@@ -40,11 +40,6 @@ static void iq_ctx_free(iq_ctx_t *c)
     free(c);
 }
 
-static void storage_error(daemon_t *d, xmpp_stanza_t *iq)
-{
-    d->stats.rejected_storage++;
-    daemon_reply_error(d, iq, "wait", "internal-server-error", "storage unavailable, retry later");
-}
 
 /* Starts a text IQ result: <iq type='result' id to from>. */
 static void result_open(proto_buf_t *b, xmpp_stanza_t *iq)
@@ -71,7 +66,7 @@ static void on_summary(void *ud, int err, uint64_t count, uint64_t bytes,
     iq_ctx_t *c = ud;
     daemon_t *d = c->d;
     if (err) {
-        storage_error(d, c->iq);
+        daemon_reply_storage_error(d, c->iq, err);
         iq_ctx_free(c);
         return;
     }
@@ -145,7 +140,7 @@ static void on_fetch(void *ud, int err, bool complete, const store_item_t *items
     iq_ctx_t *c = ud;
     daemon_t *d = c->d;
     if (err) {
-        storage_error(d, c->iq);
+        daemon_reply_storage_error(d, c->iq, err);
         iq_ctx_free(c);
         return;
     }
@@ -209,7 +204,7 @@ static void on_ack(void *ud, int err, const store_item_t *items, size_t n)
     ack_iq_ctx_t *c = ud;
     daemon_t *d = c->base.d;
     if (err) {
-        storage_error(d, c->base.iq);
+        daemon_reply_storage_error(d, c->base.iq, err);
     } else {
         d->stats.acked += n;
         relay_send_receipts(d, c->acker_full, items, n);

@@ -68,12 +68,13 @@ static void on_put(void *ud, int err, const store_put_result_t *res)
     put_ctx_t *pc = ud;
     daemon_t *d = pc->d;
     if (err) {
-        d->stats.rejected_storage++;
-        log_warn("relay: storage unavailable, message from %s to %s rejected with a wait error",
-                 pc->sender_full, pc->recipient);
+        log_info("relay: message from %s to %s not stored (%s); sender gets a wait error",
+                 pc->sender_full, pc->recipient,
+                 err == STORE_EBUSY ? "too much in flight" : "storage unavailable");
         if (!pc->is_receipt)
-            daemon_reply_error(d, pc->msg, "wait", "internal-server-error",
-                               "storage unavailable, retry later");
+            daemon_reply_storage_error(d, pc->msg, err);
+        else
+            d->stats.rejected_storage++;
         goto done;
     }
     switch (res->status) {

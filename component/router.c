@@ -43,6 +43,17 @@ void daemon_reply_error(daemon_t *d, xmpp_stanza_t *stanza, const char *type,
     daemon_send(d, proto_build_error(d->ctx, stanza, type, condition, text));
 }
 
+void daemon_reply_storage_error(daemon_t *d, xmpp_stanza_t *stanza, int err)
+{
+    d->stats.rejected_storage++;
+    if (err == STORE_EBUSY)
+        daemon_reply_error(d, stanza, "wait", "resource-constraint",
+                           "too many requests in flight, retry later");
+    else
+        daemon_reply_error(d, stanza, "wait", "internal-server-error",
+                           "storage unavailable, retry later");
+}
+
 int daemon_relay_address(const daemon_t *d, const char *bare, char *buf, size_t len)
 {
     char node[PROTO_JID_MAX];

@@ -290,11 +290,16 @@ static void test_socket_and_auth(void)
 {
     store_t *s2;
     store_config_t cfg = {.socket = getenv("REDIS_SOCKET"), .password = getenv("REDIS_PASSWORD"),
-                          .max_inflight = 10};
+                          .max_inflight = 1};
     connected = -1;
     CHECK(store_create(&loop, &cfg, on_state, NULL, &s2) == 0);
     wait_state();
     CHECK(connected == 1);
+    /* The in-flight bound: a second request while one is pending is refused at once. */
+    CHECK(store_epoch_next(s2, on_epoch, NULL) == 0);
+    CHECK(store_epoch_next(s2, on_epoch, NULL) == STORE_EBUSY);
+    run_until_done();
+    CHECK(store_inflight(s2) == 0);
     store_close(s2);
 
     /* A wrong password is reported as a failure, not taken for a connection. */
