@@ -1,0 +1,878 @@
+"""Fault-injection tests for receiptd: steady load through real Prosody + Redis + receiptd while a
+process is killed, restarted or paused, then a check of the delivery invariant.
+
+Load: NS senders each send N receipt-requested messages (unique ids) to the recipients round-robin,
+at most WINDOW without <stored/> at a time, paced to RATE messages/s in total. A sender resends a
+message with the SAME id when it got an error or no <stored/> within RETRY_S, and after each
+reconnect of its own. Recipients announce themselves to the component (directed presence), answer
+every push with <received/>, answer XEP-0199 pings, reconnect and re-announce by themselves; at the
+end they fetch and ack their offline queue until every stored message was seen.
+
+Invariant checked after each run:
+  * every (sender, id) sent got a <stored/> in the end, and never two different stanza-ids;
+  * every stored message was delivered (live push, the server's offline flood, or fetch) to its
+    recipient, under the stanza-id of its <stored/> (lost = 0, duplicates after dedupe by
+    stanza-id = 0; raw duplicate deliveries before dedupe are reported);
+  * receiptd logged 'store: connected' / 'link: authenticated' again after every fault;
+  * while Redis was unreachable or paused, receiptd's VmRSS stayed under RSS_LIMIT_KB and senders
+    got wait errors (internal-server-error).
+"""
+
+import asyncio
+import os
+import random
+import re
+import signal
+import sys
+import time
+import xml.etree.ElementTree as ET
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "e2e"))
+sys.path.insert(0, HERE)
+
+import harness  # noqa: E402  (tests/e2e/harness.py: process control)
+from rawxmpp import RawClient, Disconnected, q, attr  # noqa: E402
+
+NS_CLIENT = "jabber:client"
+NS_RECEIPTS = "urn:xmpp:receipts"
+NS_RD = "urn:receiptd:0"
+NS_SID = "urn:xmpp:sid:0"
+NS_FORWARD = "urn:xmpp:forward:0"
+NS_STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
+
+COMPONENT = harness.COMPONENT
+DOMAIN = harness.USER_DOMAIN
+
+SENDERS = ["s1", "s2", "s3", "s4"]
+RECIPIENTS = ["r1", "r2"]
+USERS = {u: (DOMAIN, u + "-pw") for u in SENDERS + RECIPIENTS}
+
+RSS_LIMIT_KB = 64 * 1024
+
+DELIVERY = {
+    "retry_interval": "1",
+    "delivery_window": "4",
+    "dedupe_window": "86400",
+    "fetch_max": "100",
+    "max_offline_messages": "100000",
+}
+
+
+def now():
+    return time.monotonic()
+
+
+def escape_node(bare):
+    return bare.replace("\\", "\\5c").replace("@", "\\40")
+
+
+def unescape_node(node):
+    return re.sub(r"\\([0-9a-fA-F]{2})", lambda m: chr(int(m.group(1), 16)), node)
+
+
+def relay_jid(bare):
+    return "%s@%s" % (escape_node(bare), COMPONENT)
+
+
+def bare_of(jid):
+    return (jid or "").split("/", 1)[0]
+
+
+def sender_of_relay(jid):
+    """alice\\40localhost@receipts.localhost -> alice@localhost"""
+    b = bare_of(jid)
+    node, _, dom = b.rpartition("@")
+    return unescape_node(node) if dom == COMPONENT else None
+
+
+def error_condition(el):
+    e = el.find(q(NS_CLIENT, "error"))
+    if e is None:
+        return None, None
+    for c in e:
+        if c.tag.startswith("{%s}" % NS_STANZAS) and not c.tag.endswith("}text"):
+            return e.get("type"), c.tag.split("}", 1)[1]
+    return e.get("type"), None
+
+
+def log(t0, fmt, *args):
+    print("[%6.2fs] %s" % (now() - t0, fmt % args if args else fmt), flush=True)
+
+
+class Msg:
+    __slots__ = ("mid", "to", "sids", "sends", "next_at", "first_at", "stored_at", "errors")
+
+    def __init__(self, mid, to):
+        self.mid, self.to = mid, to
+        self.sids = []          # stanza-id of every <stored/> received
+        self.sends = 0
+        self.next_at = 0.0      # when to (re)send if still without <stored/>
+        self.first_at = None
+        self.stored_at = None
+        self.errors = []        # (time, type, condition)
+
+
+class Stats:
+    def __init__(self):
+        self.errors = {}          # (type, condition) -> count
+        self.error_times = []     # (time, type, condition)
+        self.reconnects = 0
+
+
+class Sender:
+    def __init__(self, ctx, user, n, rate):
+        self.ctx, self.user, self.n = ctx, user, n
+        self.bare = "%s@%s" % (user, DOMAIN)
+        self.interval = 1.0 / rate
+        self.msgs = {}
+        self.order = []
+        for i in range(n):
+            to = RECIPIENTS[i % len(RECIPIENTS)] + "@" + DOMAIN
+            mid = "%s-%05d" % (user, i)
+            self.msgs[mid] = Msg(mid, to)
+            self.order.append(mid)
+        self.next_new = 0
+        self.outstanding = {}      # mid -> Msg (sent, no <stored/> yet)
+        self.client = None
+        self.stats = ctx.stats
+        self.stray = []            # stanzas we did not expect
+
+    def body(self, m):
+        return "from %s id %s to %s" % (self.bare, m.mid, m.to) + " x" * 40
+
+    def stanza(self, m):
+        return ("<message to=%s id=%s type='chat'><body>%s</body><request xmlns='%s'/></message>"
+                % (attr(relay_jid(m.to)), attr(m.mid), self.body(m), NS_RECEIPTS))
+
+    def on_stanza(self, el):
+        if el.tag != q(NS_CLIENT, "message"):
+            return
+        st = el.find(q(NS_RD, "stored"))
+        if st is not None:
+            m = self.msgs.get(st.get("id"))
+            if m is None:
+                self.stray.append(ET.tostring(el, encoding="unicode"))
+                return
+            m.sids.append(st.get("stanza-id"))
+            if m.stored_at is None:
+                m.stored_at = now()
+            self.outstanding.pop(m.mid, None)
+            return
+        if el.get("type") == "error":
+            m = self.msgs.get(el.get("id"))
+            typ, cond = error_condition(el)
+            self.stats.errors[(typ, cond)] = self.stats.errors.get((typ, cond), 0) + 1
+            self.stats.error_times.append((now(), typ, cond))
+            if m is not None:
+                m.errors.append((now(), typ, cond))
+                if m.mid in self.outstanding:
+                    # retry soon (wait errors and the server's remote-server-timeout both mean: later)
+                    m.next_at = now() + 0.3 + random.random() * 0.4
+
+    async def connect(self):
+        c = RawClient(self.user, DOMAIN, USERS[self.user][1], self.ctx.c2s_port, resource="load",
+                      name=self.user)
+        c.on_stanza = self.on_stanza
+        await c.connect()
+        self.client = c
+
+    async def reconnect(self, deadline):
+        while now() < deadline and not self.ctx.stopping:
+            try:
+                await self.connect()
+                self.stats.reconnects += 1
+                t = now()
+                for m in self.outstanding.values():   # resend everything without <stored/>
+                    m.next_at = t
+                return True
+            except (OSError, Disconnected, asyncio.TimeoutError):
+                await asyncio.sleep(0.2)
+        return False
+
+    def done(self):
+        return self.next_new >= self.n and not self.outstanding
+
+    async def run(self, deadline):
+        await self.connect()
+        next_send = now()
+        while not self.done() and now() < deadline and not self.ctx.stopping:
+            if not self.client.connected:
+                if not await self.reconnect(deadline):
+                    break
+                continue
+            t = now()
+            try:
+                sent = 0
+                # new messages, paced
+                while (self.next_new < self.n and len(self.outstanding) < self.ctx.window
+                       and t >= next_send and sent < 50):
+                    m = self.msgs[self.order[self.next_new]]
+                    self.next_new += 1
+                    m.first_at = t
+                    m.next_at = t + self.ctx.retry_s
+                    m.sends += 1
+                    self.outstanding[m.mid] = m
+                    self.client.send(self.stanza(m))
+                    next_send += self.interval
+                    sent += 1
+                if t >= next_send + 1:       # do not burst to catch up after a stall
+                    next_send = t
+                # retries with the same id
+                for m in list(self.outstanding.values()):
+                    if m.next_at <= t:
+                        m.sends += 1
+                        m.next_at = t + self.ctx.retry_s
+                        self.client.send(self.stanza(m))
+                await self.client.drain()
+            except Disconnected:
+                continue
+            await asyncio.sleep(0.01)
+
+    async def close(self):
+        if self.client:
+            await self.client.close()
+
+
+class Recipient:
+    def __init__(self, ctx, user, announce=True):
+        self.ctx, self.user = ctx, user
+        self.bare = "%s@%s" % (user, DOMAIN)
+        self.announce = announce
+        self.client = None
+        self.deliveries = []      # (how, sid, sender bare, mid)
+        self.auto_reconnect = True
+        self._task = None
+        self.stray = []
+        self.announce_waits = 0   # pings to C answered with an error before an announce
+
+    def record(self, how, sid, sender, mid):
+        self.deliveries.append((how, sid, sender, mid, now()))
+
+    def on_stanza(self, el):
+        if el.tag != q(NS_CLIENT, "message") or el.get("type") == "error":
+            return
+        sidel = el.find(q(NS_SID, "stanza-id"))
+        if sidel is None or sidel.get("by") != COMPONENT:
+            return
+        sender = sender_of_relay(el.get("from"))
+        how = "flood" if el.find("{urn:xmpp:delay}delay") is not None else "live"
+        self.record(how, sidel.get("id"), sender, el.get("id"))
+        if el.find(q(NS_RECEIPTS, "request")) is not None:
+            try:
+                self.client.send("<message to=%s><received xmlns='%s' id=%s/></message>"
+                                 % (attr(el.get("from")), NS_RECEIPTS, attr(el.get("id"))))
+            except Disconnected:
+                pass
+
+    def on_disconnect(self):
+        if self.auto_reconnect and not self.ctx.stopping:
+            if self._task is None or self._task.done():
+                self._task = asyncio.get_running_loop().create_task(self._reconnect())
+
+    async def connect(self, announce=None):
+        c = RawClient(self.user, DOMAIN, USERS[self.user][1], self.ctx.c2s_port, resource="dev",
+                      name=self.user)
+        c.on_stanza = self.on_stanza
+        c.on_disconnect = self.on_disconnect
+        self.client = c
+        await c.connect()
+        if self.announce if announce is None else announce:
+            try:
+                await self.announce_verified(c)
+            except BaseException:
+                c.abort()
+                raise
+        return c
+
+    async def announce_verified(self, c, timeout=20):
+        """Directed presence to C once C is reachable.
+
+        After a server restart the client is usually back before receiptd re-attached; the
+        server then drops the directed presence (receiptd never sees it and, having got our
+        'unavailable' at the shutdown, does not ping us either). So: ping C until it answers,
+        then announce, then ping again so the presence has been processed."""
+        end = now() + timeout
+        while True:
+            res = await c.iq("get", COMPONENT, "<ping xmlns='urn:xmpp:ping'/>")
+            if res.get("type") == "result":
+                break
+            self.announce_waits += 1
+            if now() > end:
+                raise AssertionError("%s: component unreachable for %ss: %s" % (
+                    self.user, timeout, ET.tostring(res, encoding="unicode")))
+            await asyncio.sleep(0.2)
+        c.send("<presence to='%s'/>" % COMPONENT)
+        await c.iq("get", COMPONENT, "<ping xmlns='urn:xmpp:ping'/>")
+
+    async def _reconnect(self):
+        while not self.ctx.stopping:
+            try:
+                await self.connect()
+                self.ctx.stats.reconnects += 1
+                return
+            except (OSError, Disconnected, asyncio.TimeoutError):
+                await asyncio.sleep(0.2)
+
+    async def wait_connected(self, timeout):
+        end = now() + timeout
+        while not (self.client and self.client.connected):
+            if now() > end:
+                raise AssertionError("%s did not reconnect within %ss" % (self.user, timeout))
+            await asyncio.sleep(0.05)
+
+    async def fetch_page(self, after=None, maxn=100, timeout=10):
+        a = " after=%s" % attr(after) if after else ""
+        res = await self.client.iq("get", COMPONENT, "<fetch xmlns='%s' max='%d'%s/>" % (NS_RD, maxn, a),
+                                   timeout=timeout)
+        if res.get("type") != "result":
+            raise IqFailed("fetch", res)
+        b = res.find(q(NS_RD, "batch"))
+        items = []
+        for fw in b.findall(q(NS_FORWARD, "forwarded")):
+            m = fw.find(q(NS_CLIENT, "message"))
+            sidel = m.find(q(NS_SID, "stanza-id")) if m is not None else None
+            if sidel is None:
+                continue
+            items.append((sidel.get("id"), bare_of(m.get("from")), m.get("id")))
+        return items, b.get("complete") == "true", b.get("last")
+
+    async def ack(self, sids, timeout=10):
+        for i in range(0, len(sids), 500):
+            part = sids[i:i + 500]
+            res = await self.client.iq("set", COMPONENT, "<ack xmlns='%s'>%s</ack>" % (
+                NS_RD, "".join("<item id=%s/>" % attr(s) for s in part)), timeout=timeout)
+            if res.get("type") != "result":
+                raise IqFailed("ack", res)
+
+    async def drain_queue(self):
+        """Fetch every page of the offline queue, record, ack. Returns items seen."""
+        after, total = None, 0
+        while True:
+            items, complete, last = await self.fetch_page(after)
+            for sid, sender, mid in items:
+                self.record("fetch", sid, sender, mid)
+            if items:
+                await self.ack([s for s, _, _ in items])
+            total += len(items)
+            if complete or not items:
+                return total
+            after = last
+
+    async def summary_count(self):
+        res = await self.client.iq("get", COMPONENT, "<summary xmlns='%s'/>" % NS_RD)
+        if res.get("type") != "result":
+            raise IqFailed("summary", res)
+        return int(res.find(q(NS_RD, "summary")).get("count"))
+
+    async def close(self):
+        self.auto_reconnect = False
+        if self._task:
+            self._task.cancel()
+        if self.client:
+            await self.client.close()
+
+
+class IqFailed(Exception):
+    def __init__(self, what, el):
+        super().__init__("%s IQ failed: %s" % (what, ET.tostring(el, encoding="unicode")))
+        self.el = el
+
+
+class FaultStack:
+    """Redis + Prosody (with the fault users) + receiptd in one temp dir; always cleaned up."""
+
+    def __init__(self, binary, extra=None, keep=False):
+        self.binary = binary
+        self.extra = extra
+        self.keep = keep
+        self.tmp = None
+        self.redis = self.prosody = self.receiptd = None
+        self.redis_stopped = False
+
+    def __enter__(self):
+        import tempfile
+        self.tmp = tempfile.mkdtemp(prefix="receiptd-faults-")
+        os.chmod(self.tmp, 0o755)
+        try:
+            self.redis = harness.Redis(self.tmp)
+            self.prosody = harness.Prosody(self.tmp, users=USERS)
+            self.receiptd = harness.Receiptd(self.tmp, self.binary, self.prosody, self.redis,
+                                             DELIVERY, self.extra)
+            self.redis.start()
+            self.prosody.start()
+            self.receiptd.start()
+        except BaseException:
+            self.close(failed=True)
+            raise
+        return self
+
+    def __exit__(self, et, ev, tb):
+        self.close(failed=et is not None)
+        return False
+
+    def sigstop_redis(self):
+        os.kill(self.redis.popen.pid, signal.SIGSTOP)
+        self.redis_stopped = True
+
+    def sigcont_redis(self):
+        if self.redis_stopped and self.redis.popen is not None:
+            os.kill(self.redis.popen.pid, signal.SIGCONT)
+        self.redis_stopped = False
+
+    def dump_logs(self, out=sys.stderr):
+        for p in (self.receiptd, self.prosody, self.redis):
+            if p is None:
+                continue
+            for path in p.logs:
+                out.write("\n===== %s =====\n%s\n" % (path, harness.tail(path, 12000)))
+        if self.prosody is not None:
+            path = os.path.join(self.prosody.dir, "prosody.out")
+            out.write("\n===== %s =====\n%s\n" % (path, harness.tail(path, 4000)))
+
+    def close(self, failed=False):
+        try:
+            self.sigcont_redis()
+        except Exception:
+            pass
+        for p in (self.receiptd, self.prosody, self.redis):
+            if p is not None:
+                try:
+                    p.cleanup()
+                except Exception:
+                    pass
+        if failed:
+            self.dump_logs()
+        if self.tmp and not self.keep:
+            import shutil
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        elif self.tmp:
+            sys.stderr.write("kept temp dir %s\n" % self.tmp)
+
+
+def vmrss_kb(pid):
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+class Ctx:
+    def __init__(self, stack, n_per_sender, rate, window=40, retry_s=3.0, sabotage=False):
+        self.stack = stack
+        self.c2s_port = stack.prosody.c2s_port
+        self.n = n_per_sender
+        self.rate = rate
+        self.window = window
+        self.retry_s = retry_s
+        self.sabotage = sabotage
+        self.stopping = False
+        self.stats = Stats()
+        self.t0 = now()
+        self.senders = []
+        self.recipients = {}
+        self.outages = []         # (start, end, what) of Redis outages
+        self.rss = []             # (time, kB)
+        self.rss_stop = False
+        self.failures = []
+        self.faults_done = 0
+        self.last_fault_at = None   # when the last fault was over (process back)
+
+    def say(self, fmt, *args):
+        log(self.t0, fmt, *args)
+
+    def check(self, cond, fmt, *args):
+        if not cond:
+            self.failures.append(fmt % args if args else fmt)
+
+    async def sync(self, fn, *args):
+        return await asyncio.to_thread(fn, *args)
+
+    async def rss_monitor(self):
+        while not self.rss_stop:
+            p = self.stack.receiptd.popen
+            if p is not None and p.poll() is None:
+                kb = vmrss_kb(p.pid)
+                if kb is not None:
+                    self.rss.append((now(), kb))
+            await asyncio.sleep(0.1)
+
+    def load_progress(self):
+        return sum(s.next_new for s in self.senders) / float(sum(s.n for s in self.senders))
+
+    async def wait_progress(self, frac, timeout=60):
+        end = now() + timeout
+        while self.load_progress() < frac and now() < end:
+            await asyncio.sleep(0.05)
+
+    # ------------------------------------------------------------------ sabotage (self-test)
+    async def sabotage_once(self):
+        """Break the invariant on purpose (the run must then fail): delete one stored, not yet
+        delivered message from Redis; if every stored message is already delivered (fast live
+        pushes), delete the dedupe key of a delivered one and make its sender resend it."""
+        end = now() + 3
+        while now() < end:
+            delivered = {d[1] for r in self.recipients.values() for d in r.deliveries}
+            for s in self.senders:
+                for m in s.msgs.values():
+                    if m.sids and m.sids[0] not in delivered:
+                        sid = m.sids[0]
+                        p = "rd:{%s}" % m.to
+                        for cmd in (("HDEL", p + ":m", sid), ("ZREM", p + ":q", sid),
+                                    ("ZREM", p + ":p", sid), ("HDEL", p + ":pw", sid)):
+                            await self.sync(self.stack.redis.command, *cmd)
+                        self.say("SABOTAGE: deleted %s (%s %s) from Redis", sid, s.bare, m.mid)
+                        return
+            await asyncio.sleep(0.01)
+        s = self.senders[0]
+        m = next(m for m in s.msgs.values() if m.sids)
+        key = "rd:{%s}:dd:%s %s" % (m.to, s.bare, m.mid)
+        await self.sync(self.stack.redis.command, "DEL", key)
+        s.outstanding[m.mid] = m
+        m.next_at = now()
+        self.say("SABOTAGE: deleted dedupe key %r and resent %s", key, m.mid)
+
+    # ------------------------------------------------------------------ final check
+    async def settle_and_check(self, deadline_s=30):
+        # 1. every sender gets every message stored
+        end = now() + deadline_s
+        while not all(s.done() for s in self.senders) and now() < end:
+            await asyncio.sleep(0.1)
+        self.say("senders finished: %s", ", ".join("%s %d/%d out=%d" % (
+            s.user, s.next_new, s.n, len(s.outstanding)) for s in self.senders))
+        # 2. recipients: live pushes settle, then fetch + ack until everything stored was seen
+        expected = {}
+        for s in self.senders:
+            for m in s.msgs.values():
+                if m.sids:
+                    expected[m.sids[0]] = (m.to, s.bare, m.mid)
+        end = now() + deadline_s
+        while True:
+            for r in self.recipients.values():
+                if not r.client.connected:
+                    continue
+                try:
+                    await r.drain_queue()
+                except (Disconnected, asyncio.TimeoutError, IqFailed) as e:
+                    self.say("drain %s: %s", r.user, e)
+            seen = {d[1] for r in self.recipients.values() for d in r.deliveries}
+            missing = [s for s in expected if s not in seen]
+            if not missing or now() > end:
+                break
+            await asyncio.sleep(1.0)
+        # let late retransmissions arrive (they only add raw duplicates) and check queues empty
+        await asyncio.sleep(0.5)
+        for r in self.recipients.values():
+            try:
+                await r.drain_queue()
+                cnt = await r.summary_count()
+                self.check(cnt == 0, "%s: offline queue not empty after fetch+ack (count=%d)", r.user, cnt)
+            except (Disconnected, asyncio.TimeoutError, IqFailed) as e:
+                self.check(False, "%s: final fetch/summary failed: %s", r.user, e)
+        return self.verdict()
+
+    def verdict(self):
+        sent = sum(1 for s in self.senders for m in s.msgs.values() if m.sends)
+        transmissions = sum(m.sends for s in self.senders for m in s.msgs.values())
+        stored = {}
+        conflicting = []
+        never_stored = []
+        for s in self.senders:
+            for m in s.msgs.values():
+                if m.sends and not m.sids:
+                    never_stored.append("%s/%s" % (s.bare, m.mid))
+                if m.sids:
+                    if len(set(m.sids)) > 1:
+                        conflicting.append("%s/%s: %s" % (s.bare, m.mid, sorted(set(m.sids))))
+                    stored[(s.bare, m.mid)] = (m.sids[0], m.to)
+        # deliveries per recipient
+        by_key = {}          # (sender, mid) -> set of sids delivered
+        raw = 0
+        seen_sids = {}
+        wrong = []
+        for r in self.recipients.values():
+            for how, sid, sender, mid, _t in r.deliveries:
+                if (r.bare, sid) in seen_sids:
+                    raw += 1
+                seen_sids[(r.bare, sid)] = (sender, mid)
+                by_key.setdefault((sender, mid), set()).add(sid)
+                exp = stored.get((sender, mid))
+                if exp is not None and (exp[0] != sid or exp[1] != r.bare):
+                    wrong.append("%s got %s as %s/%s, stored ack said %s for %s" % (
+                        r.bare, sid, sender, mid, exp[0], exp[1]))
+        lost = [k for k, (sid, to) in stored.items() if (to, sid) not in seen_sids]
+        dups = [k for k, sids in by_key.items() if len(sids) > 1]
+        unknown = [k for k in by_key if k not in stored]
+        delivered = sum(1 for k in stored if (stored[k][1], stored[k][0]) in seen_sids)
+        self.check(not never_stored, "%d messages never got <stored/> despite retries: %s",
+                   len(never_stored), never_stored[:10])
+        self.check(not conflicting, "(sender,id) acked with different stanza-ids: %s", conflicting[:10])
+        self.check(not lost, "%d stored-acked messages lost: %s", len(lost), lost[:10])
+        self.check(not dups, "%d messages delivered under several stanza-ids: %s", len(dups), dups[:10])
+        self.check(not wrong, "%d deliveries disagree with the <stored/> ack: %s", len(wrong), wrong[:5])
+        self.check(not unknown, "%d deliveries of messages nobody got <stored/> for: %s",
+                   len(unknown), unknown[:10])
+        hows = {}
+        for r in self.recipients.values():
+            for d in r.deliveries:
+                hows[d[0]] = hows.get(d[0], 0) + 1
+        return dict(sent=sent, stored=len(stored), delivered=delivered, lost=len(lost),
+                    duplicates=len(dups), raw_dups=raw, transmissions=transmissions, hows=hows)
+
+    def check_rss_during(self, start, end, what):
+        samples = [kb for t, kb in self.rss if start <= t <= end]
+        mx = max(samples) if samples else None
+        self.check(bool(samples), "no RSS samples of receiptd during %s", what)
+        if mx is not None:
+            self.check(mx < RSS_LIMIT_KB, "receiptd VmRSS reached %d kB during %s (limit %d kB)",
+                       mx, what, RSS_LIMIT_KB)
+        return mx
+
+    def wait_errors_during(self, start, end):
+        return sum(1 for t, typ, cond in self.stats.error_times
+                   if start <= t <= end and typ == "wait" and cond == "internal-server-error")
+
+    def stored_during(self, start, end):
+        """<stored/> acks whose message was first sent inside the window and acked inside it."""
+        return sum(1 for s in self.senders for m in s.msgs.values()
+                   if m.stored_at is not None and start <= m.stored_at <= end)
+
+
+# ====================================================================== the tests
+
+TESTS = {}
+
+
+def fault_test(name, doc, n=900, rate=300, extra=None):
+    def deco(fn):
+        TESTS[name] = dict(fn=fn, doc=doc, n=n, rate=rate, extra=extra)
+        return fn
+    return deco
+
+
+async def wait_log_count(ctx, needle, count, timeout=15):
+    rd = ctx.stack.receiptd
+    end = now() + timeout
+    while rd.count_in_log(needle) < count:
+        if now() > end:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+@fault_test("kill9", "kill -9 of receiptd at 4 random moments of the load, restarted each time")
+async def t_kill9(ctx):
+    rd = ctx.stack.receiptd
+    points = sorted(random.uniform(0.1, 0.8) for _ in range(4))
+    for i, p in enumerate(points):
+        await ctx.wait_progress(p)
+        await asyncio.sleep(random.random() * 0.3)
+        ctx.say("fault %d: kill -9 receiptd (load %.0f%%)", i + 1, 100 * ctx.load_progress())
+        await ctx.sync(rd.kill9)
+        await asyncio.sleep(random.random() * 0.8)
+        await ctx.sync(rd.start)   # waits for 'link: authenticated' and 'store: connected' in the new log
+        ctx.check(rd.count_in_log("store: connected") >= 1 and rd.count_in_log("link: authenticated") >= 1,
+                  "receiptd run %d: no 'store: connected' / 'link: authenticated'", rd.runs)
+        ctx.say("receiptd back (run %d)", rd.runs)
+        ctx.faults_done += 1
+        ctx.last_fault_at = now()
+    ctx.check(rd.runs == 5, "expected 5 receiptd runs, got %d", rd.runs)
+
+
+@fault_test("redis-restart", "Redis kill -9 mid-run (AOF, appendfsync always), down 3 s, restarted")
+async def t_redis_restart(ctx):
+    st = ctx.stack
+    await ctx.wait_progress(0.35)
+    ctx.say("fault: kill -9 Redis (load %.0f%%)", 100 * ctx.load_progress())
+    t1 = now()
+    await ctx.sync(st.redis.kill9)
+    await asyncio.sleep(3.0)
+    t2 = now()
+    await ctx.sync(st.redis.start)
+    ctx.say("Redis restarted")
+    ok = await wait_log_count(ctx, "store: connected", 2, timeout=15)
+    ctx.check(ok, "receiptd did not log 'store: connected' again within 15 s of the Redis restart")
+    ctx.say("receiptd reconnected to Redis")
+    t3 = now()
+    ctx.outages.append((t1, t2, "Redis down"))
+    mx = ctx.check_rss_during(t1, t3, "the Redis outage")
+    werr = ctx.wait_errors_during(t1, t3 + 0.5)
+    acked = ctx.stored_during(t1 + 0.5, t2)
+    ctx.check(werr > 0, "no wait errors to senders while Redis was down")
+    ctx.check(acked == 0, "%d <stored/> acks while Redis was down", acked)
+    ctx.say("outage: max VmRSS %s kB, %d wait errors, %d <stored/> during it", mx, werr, acked)
+    ctx.faults_done += 1
+    ctx.last_fault_at = now()
+
+
+@fault_test("redis-pause", "Redis SIGSTOP for 5 s mid-run, then SIGCONT ([redis] timeout = 2)",
+            extra={"redis": {"timeout": "2"}})
+async def t_redis_pause(ctx):
+    st = ctx.stack
+    await ctx.wait_progress(0.35)
+    ctx.say("fault: SIGSTOP Redis (load %.0f%%)", 100 * ctx.load_progress())
+    t1 = now()
+    st.sigstop_redis()
+    await asyncio.sleep(5.0)
+    st.sigcont_redis()
+    t2 = now()
+    ctx.say("SIGCONT Redis")
+    ok = await wait_log_count(ctx, "store: connected", 2, timeout=15)
+    ctx.check(ok, "receiptd did not log 'store: connected' again within 15 s of SIGCONT")
+    t3 = now()
+    ctx.outages.append((t1, t2, "Redis paused"))
+    mx = ctx.check_rss_during(t1, t3, "the Redis pause")
+    werr = ctx.wait_errors_during(t1, t3 + 0.5)
+    # the first 2 s (the [redis] timeout) are allowed to hold requests; after that nothing is acked
+    acked = ctx.stored_during(t1 + 0.3, t2 - 0.1)
+    ctx.check(werr > 0, "no wait errors to senders while Redis was paused")
+    ctx.check(acked == 0, "%d <stored/> acks while Redis was paused", acked)
+    ctx.check(st.receiptd.count_in_log("did not answer in time") >= 1,
+              "receiptd did not log that Redis did not answer in time")
+    ctx.say("pause: max VmRSS %s kB, %d wait errors, %d <stored/> during it", mx, werr, acked)
+    ctx.faults_done += 1
+    ctx.last_fault_at = now()
+
+
+@fault_test("prosody-restart", "Prosody restarted twice mid-run; clients reconnect, re-announce, resend")
+async def t_prosody_restart(ctx):
+    st = ctx.stack
+    for i, p in enumerate((0.3, 0.65)):
+        await ctx.wait_progress(p)
+        ctx.say("fault %d: restart Prosody (load %.0f%%)", i + 1, 100 * ctx.load_progress())
+        await ctx.sync(st.prosody.restart)
+        ctx.say("Prosody up again")
+        ok = await wait_log_count(ctx, "link: authenticated", i + 2, timeout=15)
+        ctx.check(ok, "receiptd did not log 'link: authenticated' again within 15 s of Prosody restart %d",
+                  i + 1)
+        for r in ctx.recipients.values():
+            await r.wait_connected(15)
+        ctx.faults_done += 1
+        ctx.last_fault_at = now()
+    ctx.check(st.receiptd.count_in_log("store: connected") >= 1, "no 'store: connected'")
+
+
+@fault_test("fetch-drop", "r1 stays offline for receiptd and fetches/acks during the load; its TCP "
+            "connection is cut mid-fetch and mid-ack 6 times; it reconnects, fetches and acks everything")
+async def t_fetch_drop(ctx):
+    r1 = ctx.recipients["r1"]
+    r1.auto_reconnect = False
+    modes = ["mid-fetch-response", "after-fetch-sent", "mid-fetch-response", "after-ack-sent",
+             "mid-fetch-response", "after-fetch-before-ack"]
+    fetched_ok = 0
+    for i, mode in enumerate(modes):
+        await ctx.wait_progress(0.1 + 0.13 * i)
+        await asyncio.sleep(0.3)
+        c = r1.client
+        try:
+            # a normal page or two first, acked, so the drops happen with a moving queue
+            items, complete, last = await r1.fetch_page(maxn=50)
+            for sid, sender, mid in items:
+                r1.record("fetch", sid, sender, mid)
+            if items:
+                await r1.ack([s for s, _, _ in items])
+                fetched_ok += len(items)
+            if mode == "mid-fetch-response":
+                c.abort_on_next_read = True
+                c.send_iq_noreply("get", COMPONENT, "<fetch xmlns='%s' max='100'/>" % NS_RD)
+                await c.drain()
+                t_end = now() + 5
+                while c.connected and now() < t_end:
+                    await asyncio.sleep(0.01)
+            elif mode == "after-fetch-sent":
+                c.send_iq_noreply("get", COMPONENT, "<fetch xmlns='%s' max='100'/>" % NS_RD)
+                await c.drain()
+                c.abort()
+            elif mode == "after-ack-sent":
+                items, _, _ = await r1.fetch_page(maxn=100)
+                for sid, sender, mid in items:
+                    r1.record("fetch", sid, sender, mid)
+                c.send_iq_noreply("set", COMPONENT, "<ack xmlns='%s'>%s</ack>" % (
+                    NS_RD, "".join("<item id=%s/>" % attr(s) for s, _, _ in items) or "<item id='0-0'/>"))
+                await c.drain()
+                c.abort()
+            elif mode == "after-fetch-before-ack":
+                items, _, _ = await r1.fetch_page(maxn=100)
+                for sid, sender, mid in items:
+                    r1.record("fetch", sid, sender, mid)
+                c.abort()
+        except (Disconnected, asyncio.TimeoutError) as e:
+            ctx.say("r1 lost its connection on its own during %s: %s", mode, e)
+        ctx.check(not c.connected, "drop %d (%s): r1 still connected", i + 1, mode)
+        ctx.say("drop %d: %s (load %.0f%%, %s)", i + 1, mode, 100 * ctx.load_progress(),
+                getattr(c, "last_disconnect_reason", "?"))
+        await asyncio.sleep(random.random() * 0.5)
+        await r1.connect(announce=False)
+        ctx.faults_done += 1
+        ctx.last_fault_at = now()
+    ctx.say("r1 fetched+acked %d items between drops", fetched_ok)
+
+
+async def run_test(name, stack, sabotage=False, seed=None):
+    spec = TESTS[name]
+    rnd_seed = seed if seed is not None else int(time.time() * 1000) % 100000
+    random.seed(rnd_seed)
+    spec = dict(spec)
+    # soak / throughput experiments: FAULTS_N (messages per sender), FAULTS_RATE (msg/s in total)
+    spec["n"] = int(os.environ.get("FAULTS_N", spec["n"]))
+    spec["rate"] = float(os.environ.get("FAULTS_RATE", spec["rate"]))
+    ctx = Ctx(stack, spec["n"], spec["rate"], sabotage=sabotage)
+    ctx.say("seed %d; %d senders x %d messages at %d msg/s to %s", rnd_seed, len(SENDERS), spec["n"],
+            spec["rate"], ", ".join(RECIPIENTS))
+    mon = asyncio.get_running_loop().create_task(ctx.rss_monitor())
+    try:
+        for u in RECIPIENTS:
+            r = Recipient(ctx, u, announce=not (name == "fetch-drop" and u == "r1"))
+            await r.connect()
+            ctx.recipients[u] = r
+        # the announcements must be processed before the load starts
+        await ctx.recipients[RECIPIENTS[-1]].client.iq("get", COMPONENT, "<ping xmlns='urn:xmpp:ping'/>")
+        ctx.senders = [Sender(ctx, u, spec["n"], spec["rate"] / len(SENDERS)) for u in SENDERS]
+        load_deadline = now() + 45
+        load = [asyncio.get_running_loop().create_task(s.run(load_deadline)) for s in ctx.senders]
+
+        async def sab():
+            await ctx.wait_progress(0.5)
+            await ctx.sabotage_once()
+
+        tasks = [asyncio.get_running_loop().create_task(spec["fn"](ctx))]
+        if sabotage:
+            tasks.append(asyncio.get_running_loop().create_task(sab()))
+        await asyncio.gather(*tasks)
+        await asyncio.gather(*load)
+        ctx.say("load done; settling")
+        counts = await ctx.settle_and_check()
+    finally:
+        ctx.stopping = True
+        ctx.rss_stop = True
+        mon.cancel()
+        for s in ctx.senders:
+            await s.close()
+        for r in ctx.recipients.values():
+            await r.close()
+    # every fault must have been followed by a reconnect of receiptd (checked per test above),
+    # and receiptd must still be the process we started last
+    rd = stack.receiptd
+    ctx.check(rd.alive(), "receiptd is not running at the end (exit code %s)",
+              rd.popen.returncode if rd.popen else None)
+    # announced recipients must be online for receiptd again after the last fault
+    if ctx.last_fault_at is not None:
+        for r in ctx.recipients.values():
+            if r.announce:
+                late = sum(1 for d in r.deliveries if d[0] == "live" and d[4] > ctx.last_fault_at)
+                ctx.check(late > 0, "%s got no live push after the last fault (not online for receiptd "
+                          "again?)", r.user)
+    rss_all = max((kb for _, kb in ctx.rss), default=0)
+    ctx.check(rss_all < RSS_LIMIT_KB, "receiptd VmRSS reached %d kB (limit %d)", rss_all, RSS_LIMIT_KB)
+    errs = ", ".join("%s/%s=%d" % (k[0], k[1], v) for k, v in sorted(ctx.stats.errors.items(),
+                                                                       key=lambda kv: str(kv[0])))
+    counts["faults"] = ctx.faults_done
+    counts["max_rss_kb"] = rss_all
+    counts["errors"] = errs or "none"
+    counts["reconnects"] = ctx.stats.reconnects
+    counts["announce_waits"] = sum(r.announce_waits for r in ctx.recipients.values())
+    return ctx, counts
