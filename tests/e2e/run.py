@@ -1,11 +1,13 @@
 #!/usr/bin/python3
-"""Run one receiptd end-to-end scenario against fresh Redis + Prosody + receiptd.
+"""Run one receiptd end-to-end scenario against fresh Redis + XMPP server + receiptd.
 
-    /usr/bin/python3 tests/e2e/run.py --list
-    /usr/bin/python3 tests/e2e/run.py NAME [--receiptd PATH] [-v] [--keep]
-    /usr/bin/python3 tests/e2e/run.py --all
+    /usr/bin/python3 tests/e2e/run.py --list [--server S]
+    /usr/bin/python3 tests/e2e/run.py NAME [--server prosody|ejabberd] [--receiptd PATH] [-v] [--keep]
+    /usr/bin/python3 tests/e2e/run.py --all [--server S]
 
-Exit status 0 = pass, 1 = fail (the reason is printed, followed by the process logs).
+The server is --server, else $E2E_SERVER, else prosody. --list prints the scenarios that run on
+that server (a few are ejabberd-only). Exit status 0 = pass, 1 = fail (the reason is printed,
+followed by the process logs), 77 = skipped (scenario not meant for that server).
 The receiptd binary comes from --receiptd, else $RECEIPTD, else build/component/receiptd.
 """
 
@@ -24,16 +26,21 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
 
-def run_one(name, binary=None, verbose=False, keep=False):
+def run_one(name, binary=None, verbose=False, keep=False, server=None):
     import scenarios
+    server = harness.server_name(server)
     sc = scenarios.SCENARIOS.get(name)
     if sc is None:
         print("unknown scenario %r; known: %s" % (name, ", ".join(scenarios.names())))
         return 2
-    print("=== e2e %s: %s" % (name, sc.doc), flush=True)
+    if server not in sc.servers:
+        print("SKIP %s: runs on %s only, not on %s" % (name, ", ".join(sc.servers), server))
+        return 77
+    print("=== e2e %s on %s: %s" % (name, server, sc.doc), flush=True)
     t_start = time.monotonic()
     reason = None
-    stack = harness.Stack(receiptd=binary, delivery=sc.delivery, keep=keep or None)
+    stack = harness.Stack(receiptd=binary, delivery=sc.delivery, keep=keep or None, server=server,
+                          receiptd_count=sc.receiptds)
     try:
         with stack:
             ctx = scenarios.Ctx(stack, verbose)
@@ -60,17 +67,19 @@ def run_one(name, binary=None, verbose=False, keep=False):
                         reason += "\n  (at scenarios.py:%d: %s)" % (f.lineno, f.line)
             except Exception as e:   # harness/client bug, still a failure
                 reason = "unexpected %s: %s\n%s" % (type(e).__name__, e, traceback.format_exc())
-            # receiptd must stop cleanly on SIGTERM (exit code 0)
-            if stack.receiptd.popen is not None:
-                if not stack.receiptd.alive():
-                    code = stack.receiptd.popen.returncode
+            # every receiptd must stop cleanly on SIGTERM (exit code 0)
+            for rd in stack.receiptds:
+                if rd.popen is None:
+                    continue
+                if not rd.alive():
+                    code = rd.popen.returncode
                     if reason is None:
-                        reason = "receiptd exited by itself during the scenario (code %s)" % code
-                    stack.receiptd.popen = None
+                        reason = "%s exited by itself during the scenario (code %s)" % (rd.name, code)
+                    rd.popen = None
                 else:
-                    code = stack.receiptd.term()
+                    code = rd.term()
                     if code != 0 and reason is None:
-                        reason = "receiptd exited with code %s on SIGTERM (expected 0)" % code
+                        reason = "%s exited with code %s on SIGTERM (expected 0)" % (rd.name, code)
             if reason is not None:
                 stack.failed = True
     except harness.HarnessError as e:
@@ -79,9 +88,9 @@ def run_one(name, binary=None, verbose=False, keep=False):
         reason = reason or "harness: unexpected %s: %s\n%s" % (type(e).__name__, e, traceback.format_exc())
     took = time.monotonic() - t_start
     if reason is None:
-        print("PASS %s (%.1fs)" % (name, took), flush=True)
+        print("PASS %s on %s (%.1fs)" % (name, server, took), flush=True)
         return 0
-    print("FAIL %s (%.1fs): %s" % (name, took, reason), flush=True)
+    print("FAIL %s on %s (%.1fs): %s" % (name, server, took, reason), flush=True)
     return 1
 
 
@@ -97,29 +106,35 @@ def main():
     ap.add_argument("--list", action="store_true", help="print the scenario names, one per line")
     ap.add_argument("--all", action="store_true", help="run every scenario (each in its own process)")
     ap.add_argument("--receiptd", help="receiptd binary")
+    ap.add_argument("--server", choices=sorted(harness.SERVERS),
+                    help="XMPP server: prosody or ejabberd (default: $E2E_SERVER, else prosody)")
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging of slixmpp")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir")
     args = ap.parse_args()
+    try:
+        server = harness.server_name(args.server)
+    except harness.HarnessError as e:
+        ap.error(str(e))
     if args.list:
         import scenarios
-        print("\n".join(scenarios.names()))
+        print("\n".join(scenarios.names(server)))
         return 0
     if args.all:
         import scenarios
         results = []
-        for n in scenarios.names():
-            cmd = [sys.executable, os.path.abspath(__file__), n]
+        for n in scenarios.names(server):
+            cmd = [sys.executable, os.path.abspath(__file__), n, "--server", server]
             if args.receiptd:
                 cmd += ["--receiptd", args.receiptd]
             r = subprocess.run(cmd)
             results.append((n, r.returncode))
-        print("\n".join("%s %s" % ("PASS" if c == 0 else "FAIL", n) for n, c in results))
+        print("\n".join("%s %s on %s" % ("PASS" if c == 0 else "FAIL", n, server) for n, c in results))
         return 0 if all(c == 0 for _, c in results) else 1
     if not args.name:
         ap.error("scenario name required (or --list / --all)")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.ERROR,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return run_one(args.name, args.receiptd, args.verbose, args.keep)
+    return run_one(args.name, args.receiptd, args.verbose, args.keep, server)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ A scenario fails by raising AssertionError (use t.check / t.eq); every check pri
 
 import asyncio
 import datetime
+import math
 import time
 import xml.etree.ElementTree as ET
 
@@ -18,29 +19,37 @@ from xclient import (Client, NS_RD, NS_RECEIPTS, NS_SID, NS_FORWARD, NS_DELAY, N
 SCENARIOS = {}
 
 
+ALL_SERVERS = ("prosody", "ejabberd")
+
+
 class Scenario:
-    def __init__(self, name, func, delivery, doc, timeout):
+    def __init__(self, name, func, delivery, doc, timeout, servers, receiptds):
         self.name = name
         self.func = func
         self.delivery = delivery or {}
         self.doc = (doc or "").strip().splitlines()[0] if doc else ""
         self.timeout = timeout
+        self.servers = tuple(servers)
+        self.receiptds = receiptds
 
 
-def scenario(name, delivery=None, timeout=60):
+def scenario(name, delivery=None, timeout=60, servers=ALL_SERVERS, receiptds=1):
+    """Register a scenario; `servers` it runs on, `receiptds` = receiptd processes to start."""
     def deco(f):
-        SCENARIOS[name] = Scenario(name, f, delivery, f.__doc__, timeout)
+        SCENARIOS[name] = Scenario(name, f, delivery, f.__doc__, timeout, servers, receiptds)
         return f
     return deco
 
 
-def names():
-    return list(SCENARIOS)
+def names(server=None):
+    """Scenario names (those that run on `server` if given)."""
+    return [n for n, sc in SCENARIOS.items() if server is None or server in sc.servers]
 
 
 class Ctx:
     def __init__(self, stack, verbose=False):
         self.stack = stack
+        self.server = getattr(stack, "server_name", "prosody")   # 'prosody' or 'ejabberd': branch on it
         self.clients = []
         self.verbose = verbose
         self.t0 = time.monotonic()
@@ -403,6 +412,14 @@ async def offline_login(t):
     items = await bob.fetch_all()
     got_ids = sorted(forwarded_message(f).get("id") for _, f in items)
     t.eq(got_ids, sorted(ids + ["off-noreq"]), "ids in bob's queue")
+    # control: the server's own offline store is on (mod_offline / Prosody's offline) and floods at
+    # login, so the check above is not vacuous: a direct (not relayed) message to offline carol
+    alice.send_message(mto=bare("carol"), mbody="direct, not through receiptd", mtype="chat")
+    await asyncio.sleep(0.5)
+    carol = await t.client("carol", announce=False)
+    m = await carol.wait_msg(lambda m: m["body"] == "direct, not through receiptd", 5,
+                             "the server's offline copy of a direct message (control)")
+    t.say("control: %s's offline store flooded carol at login: %s", t.server, xml_str(m))
 
 
 @scenario("norequest", delivery={"retry_interval": 0.5, "delivery_window": 2})
@@ -747,10 +764,10 @@ async def kill9(t):
     sid = await send_stored(t, alice, "bob", "k9-1")
     t.stack.receiptd.kill9()
     t.say("receiptd killed right after <stored/> %s", sid)
-    # while no component is connected the server answers (Prosody: remote-server-timeout)
-    alice.send_msg(bare("bob"), mid="k9-down")
-    m = await alice.wait_error("k9-down", timeout=10)
+    # while no component is connected the server answers itself (see down-retry and send_while_down)
+    m = await send_while_down(t, alice, "bob", "k9-down")
     t.say("while down: %s", error_condition(m))
+    t.eq(error_condition(m)[1], SERVER_DOWN_CONDITION[t.server], "the server's error while receiptd is down")
     await t.sync(t.stack.receiptd.start)
     t.say("receiptd restarted")
     await t.announce(alice)
@@ -788,6 +805,234 @@ async def kill9(t):
     items = await bob.fetch_all()
     got = sorted(forwarded_message(f).get("id") for _, f in items)
     t.eq(got, sorted(ids + ["k9-1", "k9-2"]), "bob's queue after retrying (each message exactly once)")
+
+
+# What the XMPP server answers a client's message to the component while no component is connected.
+# Both mean "receiptd is not attached: retry later with the same id" (proto/PROTOCOL.md).
+SERVER_DOWN_CONDITION = {
+    "prosody": "remote-server-timeout",
+    "ejabberd": "forbidden",        # with s2s_access: none; type auth, "Access denied by service policy"
+}
+
+
+async def send_while_down(t, c, rcpt, mid, **kw):
+    """Send to the relay while receiptd is not attached; return the server's error.
+
+    A stanza sent in the instant after the component connection died, before the server noticed, is
+    written to the dead connection and dropped without any answer (seen on both servers right after
+    a kill -9: ejabberd in ~1 of 8 runs, Prosody more rarely). A client retries the same id after a
+    timeout, so we do too."""
+    tries = 3
+    for i in range(tries):
+        c.send_msg(bare(rcpt), mid=mid, **kw)
+        try:
+            m = await c.wait_stored_or_error(mid, timeout=2 if i < tries - 1 else 10)
+        except AssertionError:
+            if i == tries - 1:
+                raise
+            t.say("%s: no answer to %s within 2 s while receiptd is down (dropped by the server in the "
+                  "instant after the disconnect?); retrying the same id", t.server, mid)
+            continue
+        t.check(m["type"] == "error", "no error while receiptd is down: %s", xml_str(m))
+        return m
+
+
+@scenario("down-retry")
+async def down_retry(t):
+    """receiptd stopped: the server's own error to the sender; the retry with the same id afterwards is stored once."""
+    alice = await t.client("alice")
+    await t.sync(t.stack.stop_receiptd_checked)
+    t.say("receiptd stopped")
+    m = await send_while_down(t, alice, "bob", "dr-1", body="sent while receiptd is down")
+    et, ec, text = error_condition(m)
+    t.say("while down (%s): type=%s condition=%s text=%r from=%s", t.server, et, ec, text, m["from"])
+    # ejabberd and Prosody differ here: forbidden vs remote-server-timeout (both: retry later)
+    t.eq(ec, SERVER_DOWN_CONDITION[t.server], "condition of the server's error while receiptd is down")
+    kind, res = await alice.iq("get", "<summary xmlns='%s'/>" % NS_RD, timeout=10)
+    t.eq(kind, "error", "summary IQ while receiptd is down (%s)" % xml_str(res))
+    t.say("summary IQ while down: %s", error_condition(res))
+    await t.sync(t.stack.receiptd.start)
+    t.say("receiptd started again")
+    # the client retries with the same id; a second retry (lost <stored/>) is deduplicated
+    s1 = await send_stored(t, alice, "bob", "dr-1", body="sent while receiptd is down")
+    s2 = await send_stored(t, alice, "bob", "dr-1", body="sent while receiptd is down")
+    t.eq(s2, s1, "stanza-id of the second retry")
+    bob = await t.client("bob", announce=False)
+    await asyncio.sleep(1.0)
+    t.check(not bob.all_messages, "bob got messages from the server at login:\n  %s",
+            "\n  ".join(xml_str(x) for x in bob.all_messages))
+    t.eq(int((await bob.summary()).get("count")), 1, "bob's summary count")
+    items = await bob.fetch_all()
+    t.eq([(s, forwarded_message(f).get("id")) for s, f in items], [(s1, "dr-1")], "bob's queue")
+
+
+TWIN_DELIVERY = {"retry_interval": 0.5, "delivery_window": 2}
+
+
+def parse_stats(log_text):
+    """The counters of the 'receiptd: stored N, duplicates N, pushed N, ...' exit lines of a log,
+    summed over all runs."""
+    import re
+    found = re.findall(r"receiptd: stored (\d+), duplicates (\d+), pushed (\d+), retransmitted (\d+), "
+                       r"acked (\d+), receipts relayed (\d+)", log_text)
+    if not found:
+        return None
+    return dict(zip(("stored", "duplicates", "pushed", "retransmitted", "acked", "relayed"),
+                    (sum(int(f[i]) for f in found) for i in range(6))))
+
+
+@scenario("twin", delivery=TWIN_DELIVERY, servers=("ejabberd",), receiptds=2)
+async def twin(t):
+    """Two receiptd with one ini on one ejabberd + Redis (stanzas split at random): nothing lost or doubled."""
+    retry, window = TWIN_DELIVERY["retry_interval"], TWIN_DELIVERY["delivery_window"]
+    one_instance_max = 1 + math.ceil(window / retry)   # first push + one per retry_interval in the window
+    t.eq(len(t.stack.receiptds), 2, "receiptd instances")
+    t.check(all(rd.alive() for rd in t.stack.receiptds), "a receiptd instance is not running")
+    # (1) 25 offline messages, each sent twice at once (the copies may reach different instances)
+    alice = await t.client("alice", announce=False)
+    ids = ["tw-%02d" % i for i in range(25)]
+    for mid in ids:
+        alice.send_msg(bare("bob"), mid=mid, body="body of %s" % mid)
+        alice.send_msg(bare("bob"), mid=mid, body="body of %s" % mid)
+    sids = {}
+    for mid in ids:
+        got = set()
+        for _ in range(2):
+            m = await alice.wait_stored_or_error(mid, timeout=10)
+            t.check(m["type"] != "error", "error for %s: %s", mid, xml_str(m))
+            got.add(stored_sid(t, m, mid, bare("bob")))
+        t.eq(len(got), 1, "distinct stanza-ids in the two <stored/> of %s (%s)" % (mid, sorted(got)))
+        sids[mid] = got.pop()
+    t.eq(len(set(sids.values())), 25, "distinct stanza-ids of 25 messages")
+    bob = await t.client("bob", announce=False)
+    s = await bob.summary()
+    t.eq(int(s.get("count")), 25, "summary count")
+    got, after = [], None
+    for want_n, want_complete in ((10, "false"), (10, "false"), (5, "true")):
+        b = await bob.fetch(10, after)
+        fw = b.findall(q(NS_FORWARD, "forwarded"))
+        t.eq(len(fw), want_n, "page size")
+        t.eq(b.get("complete"), want_complete, "page complete")
+        got += [(forwarded_message(f).get("id"), forwarded_sid(f)) for f in fw]
+        after = b.get("last")
+    # two connections do not keep the send order (each instance calls Redis on its own), so the
+    # arrival order (= stanza-id order = fetch order) may differ from the send order here
+    t.eq(sorted(got), sorted((mid, sids[mid]) for mid in ids), "(id, stanza-id) pairs fetched")
+    t.eq([g[1] for g in got], sorted(sids.values(), key=sid_seq), "fetch order = stanza-id order")
+    await bob.ack([sids[mid] for mid in ids])
+    t.eq(await bob.count(), 0, "bob's count after ack")
+    await asyncio.sleep(0.5)
+    t.eq(await alice.count(), 25, "alice's queue (25 receipts, each once)")
+    rids = sorted(forwarded_message(f).find(q(NS_RECEIPTS, "received")).get("id")
+                  for _, f in await alice.fetch_all())
+    t.eq(rids, ids, "receipt ids in alice's queue")
+    t.say("offline flow ok: 25 stored once each, fetched 10/10/5, acked, 25 receipts queued")
+
+    # (2) live delivery with receipts relayed: pushes per stanza-id never above what one instance does
+    await t.announce(alice)
+    await t.announce(bob)
+    bob.auto_receipts = True
+    bob.clear_inbox()
+    live = ["tw-live-%d" % i for i in range(12)]
+    t_stored, t_receipt, live_sids = {}, {}, {}
+    for mid in live:
+        t_stored[mid] = time.monotonic()
+        live_sids[mid] = await send_stored(t, alice, "bob", mid)
+        await alice.wait_receipt(mid)
+        t_receipt[mid] = time.monotonic()
+    await asyncio.sleep(3 * retry)
+    pushes = {}
+    for m in bob.all_messages:
+        if is_push(m):
+            pushes.setdefault(push_sid(m), []).append(m)
+    for mid in live:
+        n = len(pushes.get(live_sids[mid], []))
+        allowed = 1 + int((t_receipt[mid] - t_stored[mid]) / retry)
+        t.check(n >= 1, "live message %s never pushed", mid)
+        t.check(n <= allowed, "%s pushed %d times although its receipt came back after %.2f s (retry %s s: "
+                "one instance would push it at most %d times)", mid, n, t_receipt[mid] - t_stored[mid],
+                retry, allowed)
+    extra = await alice.collect(lambda m: find(m, NS_RECEIPTS, "received") is not None, 0)
+    t.check(not extra, "receipts relayed more than once: %s", [xml_str(m) for m in extra])
+    t.eq(await bob.count(), 0, "bob's queue after live delivery")
+    t.say("live flow ok: %d messages pushed once each, receipts relayed once",
+          len(live))
+
+    # (3) retransmit then offline: carol never acks
+    carol = await t.client("carol")
+    rt = ["tw-rt-%d" % i for i in range(4)]
+    rt_sids = {mid: await send_stored(t, alice, "carol", mid) for mid in rt}
+    await asyncio.sleep(window + 2 * retry + 0.5)
+    counts = {}
+    for m in carol.all_messages:
+        if is_push(m):
+            counts[push_sid(m)] = counts.get(push_sid(m), 0) + 1
+    t.say("pushes per message to carol (retry %s s, window %s s; one instance: at most %d): %s",
+          retry, window, one_instance_max, {mid: counts.get(rt_sids[mid], 0) for mid in rt})
+    for mid in rt:
+        n = counts.get(rt_sids[mid], 0)
+        t.check(n >= 2, "%s not retransmitted (%d pushes)", mid, n)
+        t.check(n <= one_instance_max, "%s pushed %d times; one instance pushes at most %d", mid, n,
+                one_instance_max)
+    carol.clear_inbox()
+    await asyncio.sleep(1.0)
+    no_messages(t, carol, is_push, "carol after the delivery window")
+    items = await carol.fetch_all()
+    t.eq(sorted(s for s, _ in items), sorted(rt_sids.values()), "carol's queue (each message once)")
+    await carol.ack(list(rt_sids.values()))
+    for mid in rt:
+        await alice.wait_receipt(mid)
+    await asyncio.sleep(0.5)
+    extra = await alice.collect(lambda m: find(m, NS_RECEIPTS, "received") is not None, 0)
+    t.check(not extra, "receipts relayed more than once: %s", [xml_str(m) for m in extra])
+    t.eq(await carol.count(), 0, "carol's queue after ack")
+
+    # (4) one instance restarts while the other stays: everybody is unverified (new link epoch) and
+    # pinged by the restarted one; bob's ping result reaches either instance at random and makes him
+    # online again for both (nothing of the ping lives in memory)
+    for round_ in range(3):
+        pings = len(bob.pings)
+        rd2 = t.stack.receiptds[1]
+        await t.sync(t.stack.stop_receiptd_checked, rd2)
+        await t.sync(rd2.start)
+        loop = asyncio.get_event_loop()
+        deadline = loop.time() + 5
+        while len(bob.pings) <= pings and loop.time() < deadline:
+            await asyncio.sleep(0.1)
+        t.check(len(bob.pings) > pings, "bob not pinged after %s restarted (pings %s)", rd2.name, bob.pings)
+        await asyncio.sleep(0.5)
+        mid = "tw-after-restart-%d" % round_
+        await send_stored(t, alice, "bob", mid)
+        await bob.wait_push(mid, timeout=5)
+        await alice.wait_receipt(mid)
+    t.say("after 3 restarts of one instance bob was pinged and online again each time")
+
+    # (5) unavailable reaches one instance: the pending push moves to the queue, neither pushes again
+    bob.auto_receipts = False
+    sid = await send_stored(t, alice, "bob", "tw-unavail")
+    await bob.wait_push("tw-unavail")
+    bob.announce("unavailable")
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < window - retry and await bob.count() != 1:
+        await asyncio.sleep(0.1)
+    t.say("queued %.2f s after bob's unavailable (window %s s)", time.monotonic() - t0, window)
+    t.eq(await bob.count(), 1, "bob's queue right after his unavailable (before the window ends)")
+    bob.clear_inbox()
+    await asyncio.sleep(2 * retry + 0.2)
+    no_messages(t, bob, is_push, "push after bob's unavailable")
+    t.eq([s_ for s_, _ in await bob.fetch_all()], [sid], "bob's queue")
+
+    # both instances did part of the work (ejabberd really split the stanzas)
+    stats = []
+    for rd in t.stack.receiptds:
+        await t.sync(t.stack.stop_receiptd_checked, rd)
+        st = parse_stats(rd.log_text())
+        t.check(st is not None, "%s logged no stats line at exit", rd.name)
+        stats.append(st)
+        t.say("%s: %s", rd.name, st)
+    t.check(all(st["stored"] + st["duplicates"] > 0 for st in stats),
+            "one instance handled no message at all (did ejabberd split the stanzas?): %s", stats)
+    t.eq(sum(st["duplicates"] for st in stats), 25, "duplicates counted by both instances (25 sent twice)")
 
 
 def redis_diag(redis):
@@ -894,9 +1139,9 @@ async def redis_restart(t):
     t.eq(len(items), len(acked), "bob's queue size (each message exactly once)")
 
 
-@scenario("prosody-restart", delivery={"retry_interval": 0.5, "delivery_window": 2}, timeout=90)
-async def prosody_restart(t):
-    """Prosody restart: receiptd reconnects; clients reconnect and re-announce; nothing acknowledged is lost."""
+@scenario("server-restart", delivery={"retry_interval": 0.5, "delivery_window": 2}, timeout=90)
+async def server_restart(t):
+    """XMPP server restart: receiptd reconnects; clients reconnect and re-announce; nothing acknowledged is lost."""
     alice = await t.client("alice")
     bob = await t.client("bob", auto_receipts=True)
     acked = {}
@@ -909,8 +1154,8 @@ async def prosody_restart(t):
     await bob.wait_push("pr-1")
     before_restart = len(bob.all_messages)
     links = t.stack.receiptd.count_in_log("link: authenticated")
-    await t.sync(t.stack.prosody.restart)
-    t.say("prosody restarted")
+    await t.sync(t.stack.server.restart)
+    t.say("%s restarted", t.server)
     await t.sync(t.stack.receiptd.wait_log, "link: authenticated", links + 1, 20)
     t.say("receiptd re-authenticated")
     await alice.reconnect_until()
