@@ -380,7 +380,7 @@ class IqFailed(Exception):
 
 
 class FaultStack:
-    """Redis + Prosody (with the fault users) + receiptd in one temp dir; always cleaned up."""
+    """Redis + the XMPP server (with the fault users) + receiptd in one temp dir; always cleaned up."""
 
     def __init__(self, binary, extra=None, keep=False):
         self.binary = binary
@@ -396,7 +396,9 @@ class FaultStack:
         os.chmod(self.tmp, 0o755)
         try:
             self.redis = harness.Redis(self.tmp)
-            self.prosody = harness.Prosody(self.tmp, users=USERS)
+            # The XMPP server: Prosody, or ejabberd with E2E_SERVER=ejabberd (run.py --server).
+            # Still called `prosody` here: the tests only start, stop and read its ports.
+            self.prosody = harness.SERVERS[harness.server_name()](self.tmp, users=USERS)
             self.receiptd = harness.Receiptd(self.tmp, self.binary, self.prosody, self.redis,
                                              DELIVERY, self.extra)
             self.redis.start()
@@ -738,7 +740,7 @@ async def t_redis_pause(ctx):
     ctx.last_fault_at = now()
 
 
-@fault_test("prosody-restart", "Prosody restarted twice mid-run; clients reconnect, re-announce, resend")
+@fault_test("server-restart", "the XMPP server restarted twice mid-run; clients reconnect, re-announce, resend")
 async def t_prosody_restart(ctx):
     st = ctx.stack
     for i, p in enumerate((0.3, 0.65)):

@@ -105,9 +105,13 @@ def main():
     ap.add_argument("--keep", action="store_true", help="keep the temp dir")
     ap.add_argument("--seed", type=int, help="random seed (fault moments)")
     ap.add_argument("--debug", action="store_true", help="receiptd log_level = debug")
+    ap.add_argument("--server", choices=("prosody", "ejabberd"),
+                    help="XMPP server (default: $E2E_SERVER, else prosody)")
     ap.add_argument("--sabotage", action="store_true",
                     help="delete one stored message from Redis mid-run (the test must fail)")
     args = ap.parse_args()
+    if args.server:
+        os.environ["E2E_SERVER"] = args.server
     if args.list:
         print("\n".join(faults.TESTS))
         return 0
