@@ -88,7 +88,8 @@ static void on_put(void *ud, int err, const store_put_result_t *res)
         break;
     case STORE_PUT_DUP:
         d->stats.duplicates++;
-        send_stored(d, pc->msg, res->sid);
+        if (pc->track)
+            send_stored(d, pc->msg, res->sid);
         break;
     case STORE_PUT_LIVE:
     case STORE_PUT_OFFLINE:

@@ -194,10 +194,14 @@ xmpp_stanza_t *proto_build_stored(xmpp_ctx_t *ctx, const char *from, const char 
         return NULL;
     }
     xmpp_stanza_set_type(msg, "headline");
-    xmpp_stanza_set_from(msg, from);
-    xmpp_stanza_set_to(msg, to);
-    xmpp_stanza_set_attribute(stored, "id", orig_id);
-    xmpp_stanza_set_attribute(stored, "stanza-id", sid);
+    if (from)
+        xmpp_stanza_set_from(msg, from);
+    if (to)
+        xmpp_stanza_set_to(msg, to);
+    if (orig_id)
+        xmpp_stanza_set_attribute(stored, "id", orig_id);
+    if (sid)
+        xmpp_stanza_set_attribute(stored, "stanza-id", sid);
     adopt(msg, stored);
     return msg;
 }
