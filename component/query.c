@@ -23,6 +23,12 @@ typedef struct iq_ctx {
     bool with_ids;
 } iq_ctx_t;
 
+/* The asking device: the IQ's server-stamped full JID. */
+static store_device_t device_of(const route_t *r)
+{
+    return (store_device_t){r->from_bare, r->from_jid.resource, daemon_now_ms()};
+}
+
 static iq_ctx_t *iq_ctx_new(daemon_t *d, xmpp_stanza_t *iq, const route_t *r)
 {
     iq_ctx_t *c = calloc(1, sizeof *c);
@@ -126,7 +132,8 @@ static void handle_summary(daemon_t *d, xmpp_stanza_t *iq, xmpp_stanza_t *payloa
     if (!c)
         return;
     c->with_ids = with_ids;
-    int rc = d->store ? store_summary(d->store, c->user, with_ids ? d->cfg.fetch_max : 0,
+    store_device_t who = device_of(r);
+    int rc = d->store ? store_summary(d->store, &who, with_ids ? d->cfg.fetch_max : 0,
                                       on_summary, c)
                       : STORE_EDOWN;
     if (rc < 0)
@@ -135,7 +142,8 @@ static void handle_summary(daemon_t *d, xmpp_stanza_t *iq, xmpp_stanza_t *payloa
 
 /* ---- fetch -------------------------------------------------------------------------------- */
 
-static void on_fetch(void *ud, int err, bool complete, const store_item_t *items, size_t n)
+static void on_fetch(void *ud, int err, bool complete, const char *cursor,
+                     const store_item_t *items, size_t n)
 {
     iq_ctx_t *c = ud;
     daemon_t *d = c->d;
@@ -150,8 +158,8 @@ static void on_fetch(void *ud, int err, bool complete, const store_item_t *items
     result_open(&out, c->iq);
     proto_buf_append_str(&out, "<batch xmlns='" NS_RECEIPTD "'");
     proto_buf_append_attr(&out, "complete", complete ? "true" : "false");
-    if (n)
-        proto_buf_append_attr(&out, "last", items[n - 1].sid);
+    if (cursor)
+        proto_buf_append_attr(&out, "last", cursor);
     proto_buf_append_str(&out, ">");
     for (size_t i = 0; b && i < n; i++) {
         if (store_blob_decode(items[i].blob, items[i].blob_len, b) < 0) {
@@ -185,11 +193,12 @@ static void handle_fetch(daemon_t *d, xmpp_stanza_t *iq, xmpp_stanza_t *payload,
     iq_ctx_t *c = iq_ctx_new(d, iq, r);
     if (!c)
         return;
-    int rc = d->store ? store_fetch(d->store, c->user, f.after_seq, f.max, d->cfg.fetch_max_bytes,
+    store_device_t who = device_of(r);
+    int rc = d->store ? store_fetch(d->store, &who, f.after_seq, f.max, d->cfg.fetch_max_bytes,
                                     FORWARD_OVERHEAD, on_fetch, c)
                       : STORE_EDOWN;
     if (rc < 0)
-        on_fetch(c, rc, false, NULL, 0);
+        on_fetch(c, rc, false, NULL, NULL, 0);
 }
 
 /* ---- ack ---------------------------------------------------------------------------------- */
@@ -231,8 +240,8 @@ static void handle_ack(daemon_t *d, xmpp_stanza_t *iq, xmpp_stanza_t *payload, c
             c->base.d = d;
             c->base.iq = xmpp_stanza_clone(iq);
             snprintf(c->acker_full, sizeof c->acker_full, "%s", r->from);
-            int rc = d->store ? store_ack_sids(d->store, r->from_bare, ids, n, on_ack, c)
-                              : STORE_EDOWN;
+            store_device_t who = device_of(r);
+            int rc = d->store ? store_ack_sids(d->store, &who, ids, n, on_ack, c) : STORE_EDOWN;
             if (rc < 0)
                 on_ack(c, rc, NULL, 0);
         }

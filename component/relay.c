@@ -246,14 +246,14 @@ void relay_handle_message(daemon_t *d, xmpp_stanza_t *msg, const route_t *r)
     if (is_error) {
         /* A push of ours bounced: the resource is gone. The sender is the relay node. */
         if (id && r->from_jid.resource[0] && d->store)
-            store_bounce(d->store, r->from_bare, r->peer_bare, id, r->from_jid.resource,
-                         NULL, NULL);
+            store_bounce(d->store, r->from_bare, r->from_jid.resource, NULL, NULL);
         return;
     }
     const char *rid;
     proto_receipt_t kind = proto_parse_receipt(msg, &rid);
     if (kind == PROTO_RECEIPT_RECEIVED) {
-        /* The recipient confirms: clear it and tell the sender. Receipts for messages that are
+        /* One of the recipient's devices confirms: it no longer owes the message, and the
+         * sender hears of it on the first confirmation only. Receipts for messages that are
          * not ours (or already cleared) end here, so a receipt is relayed at most once. */
         ack_ctx_t *ac = calloc(1, sizeof *ac);
         if (!rid || !ac) {
@@ -262,8 +262,8 @@ void relay_handle_message(daemon_t *d, xmpp_stanza_t *msg, const route_t *r)
         }
         ac->d = d;
         snprintf(ac->acker_full, sizeof ac->acker_full, "%s", r->from);
-        int rc = d->store ? store_ack_origin(d->store, r->from_bare, r->peer_bare, rid,
-                                             on_received, ac)
+        store_device_t who = {r->from_bare, r->from_jid.resource, daemon_now_ms()};
+        int rc = d->store ? store_ack_origin(d->store, &who, r->peer_bare, rid, on_received, ac)
                           : STORE_EDOWN;
         if (rc < 0)
             on_received(ac, rc, NULL, 0);

@@ -1,5 +1,6 @@
-/* Retransmission: a timer claims due pending messages from Redis (the due script moves expired
- * or orphaned ones to the offline queue in the same step) and pushes the rest again. One claim
+/* Retransmission: a timer claims due pending deliveries from Redis (the due script moves expired
+ * or orphaned ones to their device's queue in the same step) and pushes the rest again, each to
+ * the one resource that still owes its ack. One claim
  * is in flight at a time, so a slow Redis slows retransmission instead of piling up requests. */
 #include "daemon.h"
 #include "log.h"
@@ -14,7 +15,7 @@ static void on_due(void *ud, int err, const store_due_t *due, size_t n)
         return; /* the store's state callback already told the operator */
     for (size_t i = 0; i < n; i++)
         for (size_t k = 0; k < due[i].nitems; k++) {
-            relay_push(d, due[i].user, due[i].resources, due[i].nresources, due[i].items[k].sid,
+            relay_push(d, due[i].user, &due[i].resource, 1, due[i].items[k].sid,
                        due[i].items[k].blob, due[i].items[k].blob_len);
             d->stats.retransmitted++;
         }

@@ -1,11 +1,15 @@
 /* Lua sources. Conventions: KEYS[1] is the user's key prefix "rd:{bare-jid}" (the hash tag puts
  * all of one user's keys in one cluster slot); global keys come after it. Times are epoch ms.
  * A message id S is "<seq>-<suffix>", seq being the user's arrival counter and the offline
- * queue's score, so S keeps its place after it was removed. */
+ * queues' score, so S keeps its place after it was removed.
+ *
+ * Per-device model (proto/PROTOCOL.md): P:q holds every stored message until every known device
+ * (one that ever acked, or one online now) acked it; P:ak lists, per message, the devices that
+ * did. A device sees what it has not acked. Online resources also get pushes ("S resource" in
+ * P:p) until they ack or the delivery window ends. */
 #include "scripts.h"
 
-/* Shared by the scripts that need them: who is online for the current link epoch, and moving a
- * pending message to the offline queue. The epoch is read here, not passed in, so that every
+/* Shared by the scripts that need them. The epoch is read here, not passed in, so that every
  * receiptd instance sharing this Redis agrees on it: any instance's re-attach makes all earlier
  * presence unverified for all of them. */
 #define LUA_HELPERS                                                                                \
@@ -15,13 +19,73 @@
     "  for i = 1, #rs, 2 do if rs[i + 1] == epoch then res[#res + 1] = rs[i] end end\n"            \
     "  return res\n"                                                                               \
     "end\n"                                                                                        \
-    "local function to_offline(P, sid, blob)\n"                                                    \
-    "  redis.call('ZREM', P .. ':p', sid)\n"                                                       \
-    "  redis.call('HDEL', P .. ':pw', sid)\n"                                                      \
-    "  local seq = tonumber(string.match(sid, '^(%d+)'))\n"                                        \
-    "  if redis.call('ZADD', P .. ':q', seq, sid) == 1 then\n"                                     \
-    "    redis.call('INCRBY', P .. ':qb', #blob)\n"                                                \
+    "local function split(member) return string.match(member, '^(%S+) (.*)$') end\n"              \
+    "local function acked_by(P, sid, dev)\n"                                                       \
+    "  local list = redis.call('HGET', P .. ':ak', sid)\n"                                         \
+    "  return list and string.find('\\n' .. list .. '\\n', '\\n' .. dev .. '\\n', 1, true) ~= nil\n" \
+    "end\n"                                                                                        \
+    "local function purge(P, sid, blob)\n"                                                         \
+    "  local list = redis.call('HGET', P .. ':ak', sid)\n"                                         \
+    "  if list then\n"                                                                             \
+    "    for d in string.gmatch(list, '[^\\n]+') do\n"                                             \
+    "      redis.call('HINCRBY', P .. ':an', d, -1)\n"                                             \
+    "      redis.call('HINCRBY', P .. ':ab', d, -#blob)\n"                                         \
+    "    end\n"                                                                                    \
     "  end\n"                                                                                      \
+    "  redis.call('HDEL', P .. ':m', sid)\n"                                                       \
+    "  redis.call('HDEL', P .. ':ak', sid)\n"                                                      \
+    "  redis.call('HDEL', P .. ':pw', sid)\n"                                                      \
+    "  redis.call('ZREM', P .. ':q', sid)\n"                                                       \
+    "  redis.call('DECRBY', P .. ':qb', #blob)\n"                                                  \
+    "  local okey = redis.call('HGET', P .. ':k', sid)\n"                                          \
+    "  if okey then\n"                                                                             \
+    "    redis.call('HDEL', P .. ':o', okey)\n"                                                    \
+    "    redis.call('HDEL', P .. ':k', sid)\n"                                                     \
+    "  end\n"                                                                                      \
+    "end\n"                                                                                        \
+    "local function purge_if_done(P, sid, blob)\n"                                                 \
+    "  if not redis.call('HGET', P .. ':ak', sid) then return false end\n"                         \
+    "  for _, d in ipairs(redis.call('HKEYS', P .. ':dev')) do\n"                                  \
+    "    if not acked_by(P, sid, d) then return false end\n"                                       \
+    "  end\n"                                                                                      \
+    "  for _, d in ipairs(online(P)) do\n"                                                         \
+    "    if not acked_by(P, sid, d) then return false end\n"                                       \
+    "  end\n"                                                                                      \
+    "  purge(P, sid, blob)\n"                                                                      \
+    "  return true\n"                                                                              \
+    "end\n"                                                                                        \
+    "local function device_offline(P, dev)\n"                                                      \
+    "  for _, m in ipairs(redis.call('ZRANGE', P .. ':p', 0, -1)) do\n"                            \
+    "    local sid, d = split(m)\n"                                                                \
+    "    if d == dev then\n"                                                                       \
+    "      redis.call('ZREM', P .. ':p', m)\n"                                                     \
+    "      local blob = redis.call('HGET', P .. ':m', sid)\n"                                      \
+    "      if blob then purge_if_done(P, sid, blob) end\n"                                         \
+    "    end\n"                                                                                    \
+    "  end\n"                                                                                      \
+    "end\n"
+
+/* A device's view of the queue: what it has not acked, oldest first after the cursor `after`,
+ * at most n, examining at most scan entries so that a device that acked a long stretch cannot
+ * make one call block Redis. Returns the sids and the cursor (last sid examined, or nil) and
+ * whether the end of the queue was reached. */
+#define LUA_VIEW                                                                                   \
+    "local function view(P, dev, after, n, scan)\n"                                                \
+    "  local out, cursor, seen, lo = {}, nil, 0, '(' .. after\n"                                   \
+    "  while true do\n"                                                                            \
+    "    local chunk = redis.call('ZRANGEBYSCORE', P .. ':q', lo, '+inf', 'WITHSCORES', 'LIMIT', 0, 64)\n" \
+    "    if #chunk == 0 then return out, cursor, true end\n"                                       \
+    "    for i = 1, #chunk, 2 do\n"                                                                \
+    "      if #out >= n or seen >= scan then return out, cursor, false end\n"                      \
+    "      seen = seen + 1\n"                                                                      \
+    "      if not acked_by(P, chunk[i], dev) then out[#out + 1] = chunk[i] end\n"                  \
+    "      cursor = chunk[i]\n"                                                                    \
+    "      lo = '(' .. chunk[i + 1]\n"                                                             \
+    "    end\n"                                                                                    \
+    "  end\n"                                                                                      \
+    "end\n"                                                                                        \
+    "local function touch(P, dev, now)\n"                                                          \
+    "  if redis.call('HEXISTS', P .. ':dev', dev) == 1 then redis.call('HSET', P .. ':dev', dev, now) end\n" \
     "end\n"
 
 /* KEYS: P, rd:due. ARGV: user, sender, orig id ('' = none), suffix, blob, track (1 = receipt
@@ -39,76 +103,73 @@ static const char put_lua[] =
     "end\n"
     "local res = online(P)\n"
     "if #res > 0 and not track then return {'live', '', unpack(res)} end\n"
-    "local n = redis.call('ZCARD', P .. ':q') + redis.call('ZCARD', P .. ':p')\n"
     "local b = tonumber(redis.call('GET', P .. ':qb') or '0')\n"
-    "if n >= tonumber(ARGV[11]) or b + #blob > tonumber(ARGV[12]) then return {'full'} end\n"
+    "if redis.call('ZCARD', P .. ':q') >= tonumber(ARGV[11]) or b + #blob > tonumber(ARGV[12]) then\n"
+    "  return {'full'}\n"
+    "end\n"
     "local seq = redis.call('INCR', P .. ':seq')\n"
     "local sid = seq .. '-' .. ARGV[4]\n"
     "redis.call('HSET', P .. ':m', sid, blob)\n"
+    "redis.call('ZADD', P .. ':q', seq, sid)\n"
+    "redis.call('INCRBY', P .. ':qb', #blob)\n"
     "if okey then\n"
     "  redis.call('SET', P .. ':dd:' .. okey, sid, 'EX', ARGV[10])\n"
     "  redis.call('HSET', P .. ':o', okey, sid)\n"
     "  redis.call('HSET', P .. ':k', sid, okey)\n"
     "end\n"
-    "if #res > 0 then\n"
-    "  local due = now + tonumber(ARGV[8])\n"
-    "  redis.call('ZADD', P .. ':p', due, sid)\n"
-    "  redis.call('HSET', P .. ':pw', sid, now + tonumber(ARGV[9]))\n"
-    "  local cur = redis.call('ZSCORE', KEYS[2], user)\n"
-    "  if not cur or tonumber(cur) > due then redis.call('ZADD', KEYS[2], due, user) end\n"
-    "  return {'live', sid, unpack(res)}\n"
-    "end\n"
-    "redis.call('ZADD', P .. ':q', seq, sid)\n"
-    "redis.call('INCRBY', P .. ':qb', #blob)\n"
-    "return {'offline', sid}\n";
+    "if #res == 0 then return {'offline', sid} end\n"
+    "local due = now + tonumber(ARGV[8])\n"
+    "for _, r in ipairs(res) do redis.call('ZADD', P .. ':p', due, sid .. ' ' .. r) end\n"
+    "redis.call('HSET', P .. ':pw', sid, now + tonumber(ARGV[9]))\n"
+    "local cur = redis.call('ZSCORE', KEYS[2], user)\n"
+    "if not cur or tonumber(cur) > due then redis.call('ZADD', KEYS[2], due, user) end\n"
+    "return {'live', sid, unpack(res)}\n";
 
-/* KEYS: P. ARGV: 'sid', S... | 'orig', "sender origid". Removes each message wherever it is
- * (pending or offline) and returns {S, blob, ...} for those that existed. */
+/* KEYS: P. ARGV: device, now, 'sid', S... | 'orig', "sender origid". The device has the
+ * messages: it becomes a known device, its pending deliveries of them end, and each message is
+ * purged once every known device acked it. Returns {S, blob, ...} for the messages acked for the
+ * first time by any device: the receipts to relay, once per message. */
 static const char ack_lua[] =
-    "local P, out = KEYS[1], {}\n"
-    "local function drop(sid)\n"
+    LUA_HELPERS
+    "local P, dev, out = KEYS[1], ARGV[1], {}\n"
+    "redis.call('HSET', P .. ':dev', dev, ARGV[2])\n"
+    "local function ack(sid)\n"
     "  local blob = redis.call('HGET', P .. ':m', sid)\n"
     "  if not blob then return end\n"
-    "  redis.call('HDEL', P .. ':m', sid)\n"
-    "  redis.call('HDEL', P .. ':pw', sid)\n"
-    "  redis.call('ZREM', P .. ':p', sid)\n"
-    "  if redis.call('ZREM', P .. ':q', sid) == 1 then redis.call('DECRBY', P .. ':qb', #blob) end\n"
-    "  local okey = redis.call('HGET', P .. ':k', sid)\n"
-    "  if okey then\n"
-    "    redis.call('HDEL', P .. ':o', okey)\n"
-    "    redis.call('HDEL', P .. ':k', sid)\n"
+    "  redis.call('ZREM', P .. ':p', sid .. ' ' .. dev)\n"
+    "  if acked_by(P, sid, dev) then return end\n"
+    "  local list = redis.call('HGET', P .. ':ak', sid)\n"
+    "  if not list then\n"
+    "    out[#out + 1] = sid\n"
+    "    out[#out + 1] = blob\n"
     "  end\n"
-    "  out[#out + 1] = sid\n"
-    "  out[#out + 1] = blob\n"
+    "  redis.call('HSET', P .. ':ak', sid, list and (list .. '\\n' .. dev) or dev)\n"
+    "  redis.call('HINCRBY', P .. ':an', dev, 1)\n"
+    "  redis.call('HINCRBY', P .. ':ab', dev, #blob)\n"
+    "  purge_if_done(P, sid, blob)\n"
     "end\n"
-    "if ARGV[1] == 'orig' then\n"
-    "  local sid = redis.call('HGET', P .. ':o', ARGV[2])\n"
-    "  if sid then drop(sid) end\n"
+    "if ARGV[3] == 'orig' then\n"
+    "  local sid = redis.call('HGET', P .. ':o', ARGV[4])\n"
+    "  if sid then ack(sid) end\n"
     "else\n"
-    "  for i = 2, #ARGV do drop(ARGV[i]) end\n"
+    "  for i = 4, #ARGV do ack(ARGV[i]) end\n"
     "end\n"
     "return out\n";
 
-/* KEYS: P, rd:online. ARGV: user, "sender origid", resource. The resource is gone; when
- * the user has no other online resource, the bounced message goes to the offline queue now.
- * Returns the moved S or false. */
+/* KEYS: P, rd:online. ARGV: user, resource. A push to the resource bounced: it is gone, and
+ * its pending deliveries end (what it has not acked stays in the queue if it is a known device). */
 static const char bounce_lua[] =
     LUA_HELPERS
     "local P = KEYS[1]\n"
-    "redis.call('HDEL', P .. ':r', ARGV[3])\n"
+    "redis.call('HDEL', P .. ':r', ARGV[2])\n"
     "if redis.call('HLEN', P .. ':r') == 0 then redis.call('SREM', KEYS[2], ARGV[1]) end\n"
-    "local sid = redis.call('HGET', P .. ':o', ARGV[2])\n"
-    "if not sid or not redis.call('ZSCORE', P .. ':p', sid) then return false end\n"
-    "if #online(P) > 0 then return false end\n"
-    "local blob = redis.call('HGET', P .. ':m', sid)\n"
-    "if not blob then return false end\n"
-    "to_offline(P, sid, blob)\n"
-    "return sid\n";
+    "device_offline(P, ARGV[2])\n"
+    "return 1\n";
 
-/* KEYS: rd:due. ARGV: now, retry_ms, max users. For each user whose earliest pending
- * message is due: past its delivery window or with nobody online it moves to the offline queue,
- * otherwise it is rescheduled and returned for retransmission. Returns
- * {user, {resource...}, {S, blob, ...}, ...} for users with something to resend. */
+/* KEYS: rd:due. ARGV: now, retry_ms, max users. For each user whose earliest pending delivery
+ * is due: past its delivery window or to a resource no longer online it ends (the message stays
+ * in the queue), otherwise it is rescheduled and returned for retransmission. Returns
+ * {user, resource, {S, blob, ...}, ...}, one triple per resource with something to resend. */
 static const char due_lua[] =
     LUA_HELPERS
     "local now, retry = tonumber(ARGV[1]), tonumber(ARGV[2])\n"
@@ -116,51 +177,49 @@ static const char due_lua[] =
     "local out = {}\n"
     "for _, u in ipairs(users) do\n"
     "  local P = 'rd:{' .. u .. '}'\n"
-    "  local res = online(P)\n"
-    "  local resend = {}\n"
-    "  for _, sid in ipairs(redis.call('ZRANGEBYSCORE', P .. ':p', '-inf', now)) do\n"
+    "  local on, groups, order = {}, {}, {}\n"
+    "  for _, r in ipairs(online(P)) do on[r] = true end\n"
+    "  for _, m in ipairs(redis.call('ZRANGEBYSCORE', P .. ':p', '-inf', now)) do\n"
+    "    local sid, dev = split(m)\n"
     "    local blob = redis.call('HGET', P .. ':m', sid)\n"
     "    local deadline = tonumber(redis.call('HGET', P .. ':pw', sid) or '0')\n"
-    "    if not blob then\n"
-    "      redis.call('ZREM', P .. ':p', sid)\n"
-    "      redis.call('HDEL', P .. ':pw', sid)\n"
-    "    elseif #res == 0 or deadline <= now then\n"
-    "      to_offline(P, sid, blob)\n"
+    "    if not blob or not on[dev] or deadline <= now then\n"
+    "      redis.call('ZREM', P .. ':p', m)\n"
     "    else\n"
-    "      redis.call('ZADD', P .. ':p', now + retry, sid)\n"
-    "      resend[#resend + 1] = sid\n"
-    "      resend[#resend + 1] = blob\n"
+    "      redis.call('ZADD', P .. ':p', now + retry, m)\n"
+    "      if not groups[dev] then groups[dev] = {}; order[#order + 1] = dev end\n"
+    "      local g = groups[dev]\n"
+    "      g[#g + 1] = sid\n"
+    "      g[#g + 1] = blob\n"
     "    end\n"
     "  end\n"
     "  local nxt = redis.call('ZRANGE', P .. ':p', 0, 0, 'WITHSCORES')\n"
     "  if #nxt == 0 then redis.call('ZREM', KEYS[1], u) else redis.call('ZADD', KEYS[1], nxt[2], u) end\n"
-    "  if #resend > 0 then\n"
+    "  for _, dev in ipairs(order) do\n"
     "    out[#out + 1] = u\n"
-    "    out[#out + 1] = res\n"
-    "    out[#out + 1] = resend\n"
+    "    out[#out + 1] = dev\n"
+    "    out[#out + 1] = groups[dev]\n"
     "  end\n"
     "end\n"
     "return out\n";
 
-/* KEYS: P, rd:online, rd:due. ARGV: 'set' | 'del' | 'verify', user, resource, now.
+/* KEYS: P, rd:online. ARGV: 'set' | 'del' | 'verify', user, resource, now.
  * 'verify' marks a resource online again only if it is still registered (it answered our ping
- * after a reconnect, and no unavailable came in between). When the last resource leaves, the
- * user's pending messages fall due now, so they reach the offline queue without waiting out a
- * retry interval. */
+ * after a reconnect, and no unavailable came in between). A resource that leaves ends its
+ * pending deliveries at once: no retry interval to wait out. */
 static const char presence_lua[] =
-    LUA_HELPERS
+    LUA_HELPERS LUA_VIEW
     "local P, op, user, res = KEYS[1], ARGV[1], ARGV[2], ARGV[3]\n"
     "if op == 'set' then\n"
     "  redis.call('HSET', P .. ':r', res, epoch())\n"
     "  redis.call('SADD', KEYS[2], user)\n"
+    "  touch(P, res, ARGV[4])\n"
     "elseif op == 'verify' then\n"
     "  if redis.call('HEXISTS', P .. ':r', res) == 1 then redis.call('HSET', P .. ':r', res, epoch()) end\n"
     "else\n"
     "  redis.call('HDEL', P .. ':r', res)\n"
-    "  if redis.call('HLEN', P .. ':r') == 0 then\n"
-    "    redis.call('SREM', KEYS[2], user)\n"
-    "    if redis.call('ZCARD', P .. ':p') > 0 then redis.call('ZADD', KEYS[3], ARGV[4], user) end\n"
-    "  end\n"
+    "  if redis.call('HLEN', P .. ':r') == 0 then redis.call('SREM', KEYS[2], user) end\n"
+    "  device_offline(P, res)\n"
     "end\n"
     "return 1\n";
 
@@ -180,31 +239,47 @@ static const char stale_lua[] =
     "end\n"
     "return out\n";
 
-/* KEYS: P. ARGV: max items. Returns {count, bytes, oldest blob, newest blob, S, blob, ...}
- * with the blobs '' when the queue is empty and up to max (S, blob) pairs, oldest first. */
+/* KEYS: P. ARGV: device, now, max items. The device's view: what it has not acked.
+ * Returns {count, bytes, oldest blob, newest blob, S, blob, ...} with the blobs '' when the view
+ * is empty and up to max (S, blob) pairs, oldest first. */
 static const char summary_lua[] =
-    "local P, max = KEYS[1], tonumber(ARGV[1])\n"
-    "local q = P .. ':q'\n"
-    "local out = {redis.call('ZCARD', q), tonumber(redis.call('GET', P .. ':qb') or '0')}\n"
-    "local ends = {redis.call('ZRANGE', q, 0, 0)[1], redis.call('ZRANGE', q, -1, -1)[1]}\n"
-    "for i = 1, 2 do\n"
-    "  out[#out + 1] = ends[i] and redis.call('HGET', P .. ':m', ends[i]) or ''\n"
+    LUA_HELPERS LUA_VIEW
+    "local P, dev, max = KEYS[1], ARGV[1], tonumber(ARGV[3])\n"
+    "touch(P, dev, ARGV[2])\n"
+    "local count = redis.call('ZCARD', P .. ':q') - tonumber(redis.call('HGET', P .. ':an', dev) or '0')\n"
+    "local bytes = tonumber(redis.call('GET', P .. ':qb') or '0') -\n"
+    "              tonumber(redis.call('HGET', P .. ':ab', dev) or '0')\n"
+    "local out = {count, bytes, '', ''}\n"
+    "local first = view(P, dev, 0, math.max(max, 1), 4096)\n"
+    "if first[1] then out[3] = redis.call('HGET', P .. ':m', first[1]) end\n"
+    "for i = 0, 4095, 64 do\n"
+    "  local chunk = redis.call('ZREVRANGE', P .. ':q', i, i + 63)\n"
+    "  if #chunk == 0 then break end\n"
+    "  local hit = nil\n"
+    "  for _, sid in ipairs(chunk) do\n"
+    "    if not acked_by(P, sid, dev) then hit = sid; break end\n"
+    "  end\n"
+    "  if hit then out[4] = redis.call('HGET', P .. ':m', hit); break end\n"
     "end\n"
     "if max > 0 then\n"
-    "  for _, sid in ipairs(redis.call('ZRANGE', q, 0, max - 1)) do\n"
+    "  for _, sid in ipairs(first) do\n"
     "    out[#out + 1] = sid\n"
     "    out[#out + 1] = redis.call('HGET', P .. ':m', sid) or ''\n"
     "  end\n"
     "end\n"
     "return out\n";
 
-/* KEYS: P. ARGV: after seq, max, max bytes, per-message overhead. Oldest first after the cursor;
- * always at least one message, so a single large one cannot stall the reader. Returns
- * {complete (0|1), S, blob, ...}. */
+/* KEYS: P. ARGV: device, now, after seq, max, max bytes, per-message overhead. The device's
+ * view, oldest first after the cursor; always at least one message, so a single large one cannot
+ * stall the reader. Returns {complete (0|1), cursor ('' for none), S, blob, ...}; the next page
+ * starts after the cursor, which may be past the last item when acked messages were skipped. */
 static const char fetch_lua[] =
-    "local P, max, budget, over = KEYS[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])\n"
-    "local sids = redis.call('ZRANGEBYSCORE', P .. ':q', '(' .. ARGV[1], '+inf', 'LIMIT', 0, max + 1)\n"
-    "local out, used, taken = {0}, 0, 0\n"
+    LUA_HELPERS LUA_VIEW
+    "local P, dev = KEYS[1], ARGV[1]\n"
+    "local max, budget, over = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])\n"
+    "touch(P, dev, ARGV[2])\n"
+    "local sids, cursor, at_end = view(P, dev, ARGV[3], max + 1, 4 * max + 1000)\n"
+    "local out, used, taken = {0, ''}, 0, 0\n"
     "for _, sid in ipairs(sids) do\n"
     "  if taken == max then break end\n"
     "  local blob = redis.call('HGET', P .. ':m', sid) or ''\n"
@@ -214,7 +289,12 @@ static const char fetch_lua[] =
     "  out[#out + 1] = sid\n"
     "  out[#out + 1] = blob\n"
     "end\n"
-    "if taken == #sids then out[1] = 1 end\n"
+    "if taken < #sids then\n"
+    "  out[2] = out[#out - 1]\n"
+    "else\n"
+    "  out[2] = cursor or ''\n"
+    "  if at_end then out[1] = 1 end\n"
+    "end\n"
     "return out\n";
 
 const char *store_script_source(store_script_t s)

@@ -386,30 +386,18 @@ static int reply_due(req_t *rq, const redisReply *r)
         return -1;
     for (size_t i = 0; i < n; i++) {
         const redisReply *u = r->element[3 * i], *res = r->element[3 * i + 1];
-        if (!is_str(u) || res->type != REDIS_REPLY_ARRAY)
+        if (!is_str(u) || !is_str(res))
             goto out;
         due[i].user = u->str;
-        due[i].nresources = res->elements;
-        if (res->elements) {
-            due[i].resources = calloc(res->elements, sizeof(char *));
-            if (!due[i].resources)
-                goto out;
-            for (size_t k = 0; k < res->elements; k++) {
-                if (!is_str(res->element[k]))
-                    goto out;
-                due[i].resources[k] = res->element[k]->str;
-            }
-        }
+        due[i].resource = res->str;
         if (pairs_of(r->element[3 * i + 2], 0, &due[i].items, &due[i].nitems) < 0)
             goto out;
     }
     rq->cb.due(rq->ud, 0, due, n);
     rc = 0;
 out:
-    for (size_t i = 0; i < n; i++) {
-        free(due[i].resources);
+    for (size_t i = 0; i < n; i++)
         free(due[i].items);
-    }
     free(due);
     return rc;
 }
@@ -458,10 +446,12 @@ static int reply_dispatch(req_t *rq, const redisReply *r)
         return 0;
     }
     case REQ_FETCH:
-        if (r->type != REDIS_REPLY_ARRAY || r->elements < 1 ||
-            r->element[0]->type != REDIS_REPLY_INTEGER || pairs_of(r, 1, &items, &n) < 0)
+        if (r->type != REDIS_REPLY_ARRAY || r->elements < 2 ||
+            r->element[0]->type != REDIS_REPLY_INTEGER || !is_str(r->element[1]) ||
+            pairs_of(r, 2, &items, &n) < 0)
             return -1;
-        rq->cb.fetch(rq->ud, 0, r->element[0]->integer == 1, items, n);
+        rq->cb.fetch(rq->ud, 0, r->element[0]->integer == 1,
+                     r->element[1]->len ? r->element[1]->str : NULL, items, n);
         free(items);
         return 0;
     case REQ_STRING:
@@ -499,7 +489,7 @@ static void reply_fail(req_t *rq, int err)
         rq->cb.summary(rq->ud, err, 0, 0, NULL, NULL, 0);
         break;
     case REQ_FETCH:
-        rq->cb.fetch(rq->ud, err, false, NULL, 0);
+        rq->cb.fetch(rq->ud, err, false, NULL, NULL, 0);
         break;
     case REQ_STRING:
         rq->cb.string(rq->ud, err, NULL);
@@ -640,13 +630,14 @@ int store_put_message(store_t *st, const store_put_t *p, store_put_cb cb, void *
     return send_argv(st, rq, c.argc, c.argv, c.lens);
 }
 
-int store_ack_sids(store_t *st, const char *user, const char *const *sids, size_t n,
+int store_ack_sids(store_t *st, const store_device_t *who, const char *const *sids, size_t n,
                    store_items_cb cb, void *ud)
 {
     char prefix[PREFIX_MAX];
-    if (user_prefix(prefix, sizeof prefix, user) < 0)
+    if (user_prefix(prefix, sizeof prefix, who->user) < 0)
         return STORE_EREPLY;
-    size_t argc = 5 + n;
+    enum { HEAD = 7 };
+    size_t argc = HEAD + n;
     const char **argv = calloc(argc, sizeof *argv);
     size_t *lens = calloc(argc, sizeof *lens);
     req_t *rq = req_new(REQ_ITEMS, ud);
@@ -655,12 +646,14 @@ int store_ack_sids(store_t *st, const char *user, const char *const *sids, size_
         cmd_t c;
         cmd_evalsha(&c, st, STORE_SCRIPT_ACK, 1);
         cmd_add(&c, prefix);
+        cmd_add(&c, who->device);
+        cmd_add_num(&c, who->now_ms);
         cmd_add(&c, "sid");
-        memcpy(argv, c.argv, 5 * sizeof *argv);
-        memcpy(lens, c.lens, 5 * sizeof *lens);
+        memcpy(argv, c.argv, HEAD * sizeof *argv);
+        memcpy(lens, c.lens, HEAD * sizeof *lens);
         for (size_t i = 0; i < n; i++) {
-            argv[5 + i] = sids[i];
-            lens[5 + i] = strlen(sids[i]);
+            argv[HEAD + i] = sids[i];
+            lens[HEAD + i] = strlen(sids[i]);
         }
         rq->cb.items = cb;
         rc = send_argv(st, rq, (int)argc, argv, lens);
@@ -678,12 +671,12 @@ static int origin_key(char *buf, size_t len, const char *sender, const char *ori
     return n > 0 && (size_t)n < len ? 0 : -1;
 }
 
-int store_ack_origin(store_t *st, const char *user, const char *sender, const char *orig_id,
-                     store_items_cb cb, void *ud)
+int store_ack_origin(store_t *st, const store_device_t *who, const char *sender,
+                     const char *orig_id, store_items_cb cb, void *ud)
 {
     char prefix[PREFIX_MAX], okey[OKEY_MAX];
     cmd_t c;
-    if (user_prefix(prefix, sizeof prefix, user) < 0 ||
+    if (user_prefix(prefix, sizeof prefix, who->user) < 0 ||
         origin_key(okey, sizeof okey, sender, orig_id) < 0)
         return STORE_EREPLY;
     req_t *rq = req_new(REQ_ITEMS, ud);
@@ -692,18 +685,18 @@ int store_ack_origin(store_t *st, const char *user, const char *sender, const ch
     rq->cb.items = cb;
     cmd_evalsha(&c, st, STORE_SCRIPT_ACK, 1);
     cmd_add(&c, prefix);
+    cmd_add(&c, who->device);
+    cmd_add_num(&c, who->now_ms);
     cmd_add(&c, "orig");
     cmd_add(&c, okey);
     return send_argv(st, rq, c.argc, c.argv, c.lens);
 }
 
-int store_bounce(store_t *st, const char *user, const char *sender, const char *orig_id,
-                 const char *resource, store_done_cb cb, void *ud)
+int store_bounce(store_t *st, const char *user, const char *resource, store_done_cb cb, void *ud)
 {
-    char prefix[PREFIX_MAX], okey[OKEY_MAX];
+    char prefix[PREFIX_MAX];
     cmd_t c;
-    if (user_prefix(prefix, sizeof prefix, user) < 0 ||
-        origin_key(okey, sizeof okey, sender, orig_id) < 0)
+    if (user_prefix(prefix, sizeof prefix, user) < 0)
         return STORE_EREPLY;
     req_t *rq = req_new(REQ_DONE, ud);
     if (!rq)
@@ -713,7 +706,6 @@ int store_bounce(store_t *st, const char *user, const char *sender, const char *
     cmd_add(&c, prefix);
     cmd_add(&c, KEY_ONLINE);
     cmd_add(&c, user);
-    cmd_add(&c, okey);
     cmd_add(&c, resource);
     return send_argv(st, rq, c.argc, c.argv, c.lens);
 }
@@ -730,10 +722,9 @@ int store_presence(store_t *st, store_presence_op_t op, const char *user, const 
     if (!rq)
         return STORE_ENOMEM;
     rq->cb.done = cb;
-    cmd_evalsha(&c, st, STORE_SCRIPT_PRESENCE, 3);
+    cmd_evalsha(&c, st, STORE_SCRIPT_PRESENCE, 2);
     cmd_add(&c, prefix);
     cmd_add(&c, KEY_ONLINE);
-    cmd_add(&c, KEY_DUE);
     cmd_add(&c, ops[op]);
     cmd_add(&c, user);
     cmd_add(&c, resource);
@@ -782,11 +773,12 @@ int store_claim_due(store_t *st, int64_t now_ms, int64_t retry_ms, unsigned max_
     return send_argv(st, rq, c.argc, c.argv, c.lens);
 }
 
-int store_summary(store_t *st, const char *user, unsigned max, store_summary_cb cb, void *ud)
+int store_summary(store_t *st, const store_device_t *who, unsigned max, store_summary_cb cb,
+                  void *ud)
 {
     char prefix[PREFIX_MAX];
     cmd_t c;
-    if (user_prefix(prefix, sizeof prefix, user) < 0)
+    if (user_prefix(prefix, sizeof prefix, who->user) < 0)
         return STORE_EREPLY;
     req_t *rq = req_new(REQ_SUMMARY, ud);
     if (!rq)
@@ -794,16 +786,18 @@ int store_summary(store_t *st, const char *user, unsigned max, store_summary_cb 
     rq->cb.summary = cb;
     cmd_evalsha(&c, st, STORE_SCRIPT_SUMMARY, 1);
     cmd_add(&c, prefix);
+    cmd_add(&c, who->device);
+    cmd_add_num(&c, who->now_ms);
     cmd_add_num(&c, max);
     return send_argv(st, rq, c.argc, c.argv, c.lens);
 }
 
-int store_fetch(store_t *st, const char *user, uint64_t after_seq, unsigned max, size_t max_bytes,
-                size_t overhead, store_fetch_cb cb, void *ud)
+int store_fetch(store_t *st, const store_device_t *who, uint64_t after_seq, unsigned max,
+                size_t max_bytes, size_t overhead, store_fetch_cb cb, void *ud)
 {
     char prefix[PREFIX_MAX];
     cmd_t c;
-    if (user_prefix(prefix, sizeof prefix, user) < 0)
+    if (user_prefix(prefix, sizeof prefix, who->user) < 0)
         return STORE_EREPLY;
     req_t *rq = req_new(REQ_FETCH, ud);
     if (!rq)
@@ -811,6 +805,8 @@ int store_fetch(store_t *st, const char *user, uint64_t after_seq, unsigned max,
     rq->cb.fetch = cb;
     cmd_evalsha(&c, st, STORE_SCRIPT_FETCH, 1);
     cmd_add(&c, prefix);
+    cmd_add(&c, who->device);
+    cmd_add_num(&c, who->now_ms);
     cmd_add_num(&c, (int64_t)after_seq);
     cmd_add_num(&c, max);
     cmd_add_num(&c, (int64_t)max_bytes);

@@ -80,17 +80,27 @@ typedef struct store_put_result {
 typedef void (*store_put_cb)(void *ud, int err, const store_put_result_t *res);
 int store_put_message(store_t *st, const store_put_t *req, store_put_cb cb, void *ud);
 
-/* --- ack: by stanza ids, or by (sender, original id) for a <received/> ------------------------ */
-typedef void (*store_items_cb)(void *ud, int err, const store_item_t *items, size_t n);
-int store_ack_sids(store_t *st, const char *user, const char *const *sids, size_t n,
-                   store_items_cb cb, void *ud);
-int store_ack_origin(store_t *st, const char *user, const char *sender, const char *orig_id,
-                     store_items_cb cb, void *ud);
+/* Who reads or acks: the user's bare JID and the device (resource) asking. Every such request
+ * records the device as known and seen at now_ms (see proto/PROTOCOL.md, per-device delivery).
+ * device "" sees and acks only the shared queue. */
+typedef struct store_device {
+    const char *user;
+    const char *device;
+    int64_t now_ms;
+} store_device_t;
 
-/* --- bounce: resource of user is gone; moves the message offline when nobody else is online -- */
+/* --- ack: by stanza ids, or by (sender, original id) for a <received/> ------------------------
+ * The device no longer owes the messages; the result holds those acked for the first time by
+ * any of the user's devices (the receipts to relay). */
+typedef void (*store_items_cb)(void *ud, int err, const store_item_t *items, size_t n);
+int store_ack_sids(store_t *st, const store_device_t *who, const char *const *sids, size_t n,
+                   store_items_cb cb, void *ud);
+int store_ack_origin(store_t *st, const store_device_t *who, const char *sender,
+                     const char *orig_id, store_items_cb cb, void *ud);
+
+/* --- bounce: a push to resource of user bounced; it is gone, its pending deliveries queue ---- */
 typedef void (*store_done_cb)(void *ud, int err);
-int store_bounce(store_t *st, const char *user, const char *sender, const char *orig_id,
-                 const char *resource, store_done_cb cb, void *ud);
+int store_bounce(store_t *st, const char *user, const char *resource, store_done_cb cb, void *ud);
 
 /* --- presence ---------------------------------------------------------------------------------
  * A resource is online when its registry entry carries the current link epoch (rd:epoch), which
@@ -107,8 +117,7 @@ int store_epoch_next(store_t *st, store_epoch_cb cb, void *ud);
 /* --- retransmission ---------------------------------------------------------------------------- */
 typedef struct store_due {
     const char *user;
-    const char **resources;
-    size_t nresources;
+    const char *resource;
     store_item_t *items;
     size_t nitems;
 } store_due_t;
@@ -116,16 +125,19 @@ typedef void (*store_due_cb)(void *ud, int err, const store_due_t *due, size_t n
 int store_claim_due(store_t *st, int64_t now_ms, int64_t retry_ms, unsigned max_users,
                     store_due_cb cb, void *ud);
 
-/* --- reading the offline queue ----------------------------------------------------------------- */
+/* --- reading the offline queue: the device's own and the shared one ------------------------ */
 /* ends[0] and ends[1] are the oldest and newest messages (sid NULL, blob_len 0 when the queue
  * is empty); items are the first max messages, oldest first. */
 typedef void (*store_summary_cb)(void *ud, int err, uint64_t count, uint64_t bytes,
                                  const store_item_t ends[2], const store_item_t *items, size_t n);
-int store_summary(store_t *st, const char *user, unsigned max, store_summary_cb cb, void *ud);
-typedef void (*store_fetch_cb)(void *ud, int err, bool complete, const store_item_t *items,
-                               size_t n);
-int store_fetch(store_t *st, const char *user, uint64_t after_seq, unsigned max, size_t max_bytes,
-                size_t overhead, store_fetch_cb cb, void *ud);
+int store_summary(store_t *st, const store_device_t *who, unsigned max, store_summary_cb cb,
+                  void *ud);
+/* cursor: where the next page starts (after='cursor'); NULL when the page examined nothing. It
+ * can lie past the last item, when messages this device acked were skipped. */
+typedef void (*store_fetch_cb)(void *ud, int err, bool complete, const char *cursor,
+                               const store_item_t *items, size_t n);
+int store_fetch(store_t *st, const store_device_t *who, uint64_t after_seq, unsigned max,
+                size_t max_bytes, size_t overhead, store_fetch_cb cb, void *ud);
 
 /* --- raw: INFO persistence and friends, for the startup durability warning -------------------- */
 typedef void (*store_string_cb)(void *ud, int err, const char *str);

@@ -320,13 +320,22 @@ async def live(t):
     r = await alice.wait_receipt("live-1")
     t.eq(str(r["from"]), rj("bob"), "from of the relayed receipt")
     t.say("alice got receipt %s", xml_str(r))
-    # acked: no more retransmissions, nothing left for bob
+    # bob acked: no more pushes to him; the laptop has not acked, so it is still owed its own
     await bob.collect(lambda m: True, 0.3)
-    await bob2.collect(lambda m: True, 0.3)
     again = await bob.collect(lambda m: is_push(m) and m["id"] == "live-1", 1.5)
-    again += await bob2.collect(lambda m: is_push(m) and m["id"] == "live-1", 0)
-    t.check(not again, "retransmitted after the receipt: %s", [xml_str(m) for m in again])
-    t.eq(await bob.count(), 0, "bob's offline count after the receipt")
+    t.check(not again, "retransmitted to bob after his receipt: %s", [xml_str(m) for m in again])
+    t.eq(await bob.count(), 0, "bob's (phone) count after his receipt")
+    later = await bob2.collect(lambda m: is_push(m) and m["id"] == "live-1", 1.0)
+    t.check(later, "the laptop got no retransmission after the phone's receipt (it never acked)")
+    t.eq(await bob2.count(), 1, "the laptop's count before its own ack")
+    bob2.send_receipt(later[-1], to=rj("alice"))
+    await asyncio.sleep(0.5)
+    await bob2.collect(lambda m: True, 0.2)
+    again = await bob2.collect(lambda m: is_push(m) and m["id"] == "live-1", 1.5)
+    t.check(not again, "retransmitted to the laptop after its receipt: %s", [xml_str(m) for m in again])
+    dup = await alice.collect(lambda m: find(m, NS_RECEIPTS, "received") is not None, 0.5)
+    t.check(not dup, "second receipt relayed to alice: %s", [xml_str(m) for m in dup])
+    t.eq(await bob2.count(), 0, "the laptop's count after its receipt")
 
     # type normal kept as well
     alice.send_msg(bare("bob"), mid="live-2", body="normal", mtype="normal", request=True)
@@ -335,6 +344,57 @@ async def live(t):
     t.check(m.xml.get("type") in (None, "normal"), "type normal not kept: %s", xml_str(m))
     bob.send_receipt(m, to=rj("alice"))
     await alice.wait_receipt("live-2")
+
+
+@scenario("devices", delivery={"retry_interval": 0.5, "delivery_window": 4})
+async def devices(t):
+    """Per device: two resources each get and ack independently (one receipt); a known device that was away fetches what it never acked."""
+    alice = await t.client("alice")
+    phone = await t.client("bob", resource="phone")
+    laptop = await t.client("bob", resource="laptop")
+    tablet = await t.client("bob", resource="tablet")
+    # each device acks once, which makes it a known device; acked by all three, dv-0 is purged
+    await send_stored(t, alice, "bob", "dv-0")
+    for c in (phone, laptop, tablet):
+        c.send_receipt(await c.wait_push("dv-0"), to=rj("alice"))
+    await alice.wait_receipt("dv-0")
+    await asyncio.sleep(0.5)
+    t.eq(await phone.count(), 0, "phone's count after every device acked dv-0")
+    await tablet.stop()
+    await asyncio.sleep(0.5)
+    mids = ["dv-1", "dv-2", "dv-3"]
+    sids = [await send_stored(t, alice, "bob", mid) for mid in mids]
+    # the phone acks each by receipt: one receipt per message reaches alice
+    for mid in mids:
+        phone.send_receipt(await phone.wait_push(mid), to=rj("alice"))
+        await alice.wait_receipt(mid)
+    # the laptop has not acked: it is still owed its own deliveries, retransmitted
+    for mid in mids:
+        await laptop.wait_push(mid)
+    again = await laptop.collect(lambda m: is_push(m) and m["id"] in mids, 1.2)
+    t.check(again, "no retransmission to the laptop after the phone's receipts")
+    t.eq(await laptop.count(), 3, "laptop's count before its own ack")
+    t.eq(await phone.count(), 0, "phone's count after its receipts")
+    await laptop.ack(sids)
+    await laptop.collect(lambda m: True, 0.3)
+    late = await laptop.collect(lambda m: is_push(m) and m["id"] in mids, 1.5)
+    late += await phone.collect(lambda m: is_push(m) and m["id"] in mids, 0)
+    t.check(not late, "pushed again after both acked: %s", [xml_str(m) for m in late])
+    dup = await alice.collect(lambda m: find(m, NS_RECEIPTS, "received") is not None, 0)
+    t.check(not dup, "receipts relayed twice: %s", [xml_str(m) for m in dup])
+    # the tablet comes back (same resource, a known device): it fetches exactly what it never acked
+    tablet2 = await t.client("bob", resource="tablet", announce=False)
+    t.eq(await tablet2.count(), 3, "tablet's count when it comes back")
+    items = await tablet2.fetch_all(page=2)
+    t.eq([s for s, _ in items], sids, "tablet's fetch, oldest first")
+    t.eq([forwarded_message(f).get("id") for _, f in items], mids, "ids in the tablet's fetch")
+    await tablet2.ack(sids)
+    t.eq(await tablet2.count(), 0, "tablet's count after its ack")
+    # acked by every known device: purged, so even a device never seen before gets nothing
+    fresh = await t.client("bob", resource="fresh", announce=False)
+    t.eq(await fresh.count(), 0, "a new device's count once every known device acked")
+    dup = await alice.collect(lambda m: find(m, NS_RECEIPTS, "received") is not None, 0.5)
+    t.check(not dup, "receipts relayed again after the tablet's ack: %s", [xml_str(m) for m in dup])
 
 
 @scenario("retransmit", delivery={"retry_interval": 0.5, "delivery_window": 2})

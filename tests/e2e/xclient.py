@@ -372,9 +372,11 @@ class Client(slixmpp.ClientXMPP):
             fw = b.findall(q(NS_FORWARD, "forwarded"))
             for f in fw:
                 items.append((forwarded_sid(f), f))
-            if b.get("complete") == "true" or not fw:
+            if b.get("complete") == "true":
                 return items
             after = b.get("last")
+            if after is None:
+                raise AssertionError("incomplete page without 'last': %s" % xml_str(b))
         raise AssertionError("fetch_all did not complete")
 
     async def ack(self, sids):

@@ -133,7 +133,8 @@ static void run_pending(void)
             break;
         }
         case P_FETCH:
-            ((store_fetch_cb)p.cb)(p.ud, err, next() % 2, err ? NULL : items, err ? 0 : n);
+            ((store_fetch_cb)p.cb)(p.ud, err, next() % 2, n ? sids[next() % 4] : NULL,
+                                   err ? NULL : items, err ? 0 : n);
             break;
         }
     }
@@ -142,27 +143,26 @@ static void run_pending(void)
 bool store_is_connected(const store_t *st) { (void)st; return true; }
 int store_put_message(store_t *st, const store_put_t *req, store_put_cb cb, void *ud)
 { (void)st; (void)req; return enqueue(P_PUT, (void *)cb, ud); }
-int store_ack_sids(store_t *st, const char *user, const char *const *sids, size_t n,
+int store_ack_sids(store_t *st, const store_device_t *who, const char *const *sids, size_t n,
                    store_items_cb cb, void *ud)
-{ (void)st; (void)user; (void)sids; (void)n; return enqueue(P_ITEMS, (void *)cb, ud); }
-int store_ack_origin(store_t *st, const char *user, const char *sender, const char *orig_id,
-                     store_items_cb cb, void *ud)
-{ (void)st; (void)user; (void)sender; (void)orig_id; return enqueue(P_ITEMS, (void *)cb, ud); }
-int store_bounce(store_t *st, const char *user, const char *sender, const char *orig_id,
-                 const char *resource, store_done_cb cb, void *ud)
-{ (void)st; (void)user; (void)sender; (void)orig_id; (void)resource;
-  return enqueue(P_DONE, (void *)cb, ud); }
+{ (void)st; (void)who; (void)sids; (void)n; return enqueue(P_ITEMS, (void *)cb, ud); }
+int store_ack_origin(store_t *st, const store_device_t *who, const char *sender,
+                     const char *orig_id, store_items_cb cb, void *ud)
+{ (void)st; (void)who; (void)sender; (void)orig_id; return enqueue(P_ITEMS, (void *)cb, ud); }
+int store_bounce(store_t *st, const char *user, const char *resource, store_done_cb cb, void *ud)
+{ (void)st; (void)user; (void)resource; return enqueue(P_DONE, (void *)cb, ud); }
 int store_presence(store_t *st, store_presence_op_t op, const char *user, const char *resource,
                    int64_t now_ms, store_done_cb cb, void *ud)
 { (void)st; (void)op; (void)user; (void)resource; (void)now_ms;
   return enqueue(P_DONE, (void *)cb, ud); }
 int store_presence_stale(store_t *st, unsigned max, store_items_cb cb, void *ud)
 { (void)st; (void)max; return enqueue(P_ITEMS, (void *)cb, ud); }
-int store_summary(store_t *st, const char *user, unsigned max, store_summary_cb cb, void *ud)
-{ (void)st; (void)user; (void)max; return enqueue(P_SUMMARY, (void *)cb, ud); }
-int store_fetch(store_t *st, const char *user, uint64_t after_seq, unsigned max, size_t max_bytes,
-                size_t overhead, store_fetch_cb cb, void *ud)
-{ (void)st; (void)user; (void)after_seq; (void)max; (void)max_bytes; (void)overhead;
+int store_summary(store_t *st, const store_device_t *who, unsigned max, store_summary_cb cb,
+                  void *ud)
+{ (void)st; (void)who; (void)max; return enqueue(P_SUMMARY, (void *)cb, ud); }
+int store_fetch(store_t *st, const store_device_t *who, uint64_t after_seq, unsigned max,
+                size_t max_bytes, size_t overhead, store_fetch_cb cb, void *ud)
+{ (void)st; (void)who; (void)after_seq; (void)max; (void)max_bytes; (void)overhead;
   return enqueue(P_FETCH, (void *)cb, ud); }
 
 /* ---- the target ---------------------------------------------------------------------------- */

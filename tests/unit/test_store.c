@@ -79,9 +79,12 @@ static void on_items(void *ud, int err, const store_item_t *items, size_t n)
     done = 1;
 }
 
-static void on_fetch(void *ud, int err, bool complete, const store_item_t *items, size_t n)
+static char fetch_cursor[64];
+static void on_fetch(void *ud, int err, bool complete, const char *cursor,
+                     const store_item_t *items, size_t n)
 {
     fetch_complete = complete;
+    snprintf(fetch_cursor, sizeof fetch_cursor, "%s", cursor ? cursor : "");
     on_items(ud, err, items, n);
 }
 
@@ -122,6 +125,9 @@ static void on_epoch(void *ud, int err, const char *e)
 static void test_offline_queue(void)
 {
     const char *bob = "bob@t1", *alice = "alice@t1";
+    /* bob has no known device yet: his messages wait in the shared queue, which any device of
+     * his reads. */
+    const store_device_t bob_dev = {bob, "phone", 1}, mallory = {"mallory@t1", "x", 1};
     char sids[3][64];
     for (int i = 0; i < 3; i++) {
         char id[8];
@@ -136,20 +142,20 @@ static void test_offline_queue(void)
     CHECK(put_res.status == STORE_PUT_DUP);
     CHECK_STR(put_sid, sids[1]);
 
-    CHECK(store_summary(st, bob, 10, on_summary, NULL) == 0);
+    CHECK(store_summary(st, &bob_dev, 10, on_summary, NULL) == 0);
     run_until_done();
     CHECK(sum_count == 3 && items_n == 3 && sum_bytes > 0);
     CHECK_STR(items_sid[0], sids[0]);
 
-    CHECK(store_fetch(st, bob, 0, 2, 1 << 20, 0, on_fetch, NULL) == 0);
+    CHECK(store_fetch(st, &bob_dev, 0, 2, 1 << 20, 0, on_fetch, NULL) == 0);
     run_until_done();
     CHECK(items_n == 2 && !fetch_complete);
-    CHECK(store_fetch(st, bob, 2, 2, 1 << 20, 0, on_fetch, NULL) == 0);
+    CHECK(store_fetch(st, &bob_dev, 2, 2, 1 << 20, 0, on_fetch, NULL) == 0);
     run_until_done();
     CHECK(items_n == 1 && fetch_complete);
     CHECK_STR(items_sid[0], sids[2]);
     /* A byte budget smaller than one message still yields one, so a reader always advances. */
-    CHECK(store_fetch(st, bob, 0, 10, 1, 0, on_fetch, NULL) == 0);
+    CHECK(store_fetch(st, &bob_dev, 0, 10, 1, 0, on_fetch, NULL) == 0);
     run_until_done();
     CHECK(items_n == 1 && !fetch_complete);
 
@@ -159,22 +165,22 @@ static void test_offline_queue(void)
 
     /* Another user's ack of bob's ids clears nothing. */
     const char *ack1[] = {sids[0]};
-    CHECK(store_ack_sids(st, "mallory@t1", ack1, 1, on_items, NULL) == 0);
+    CHECK(store_ack_sids(st, &mallory, ack1, 1, on_items, NULL) == 0);
     run_until_done();
     CHECK(items_n == 0);
-    CHECK(store_ack_sids(st, bob, ack1, 1, on_items, NULL) == 0);
+    CHECK(store_ack_sids(st, &bob_dev, ack1, 1, on_items, NULL) == 0);
     run_until_done();
     CHECK(items_n == 1);
     /* Acks are idempotent. */
-    CHECK(store_ack_sids(st, bob, ack1, 1, on_items, NULL) == 0);
+    CHECK(store_ack_sids(st, &bob_dev, ack1, 1, on_items, NULL) == 0);
     run_until_done();
     CHECK(items_n == 0);
     /* A <received/> finds the message by sender and original id. */
-    CHECK(store_ack_origin(st, bob, "alice@t1", "m1", on_items, NULL) == 0);
+    CHECK(store_ack_origin(st, &bob_dev, "alice@t1", "m1", on_items, NULL) == 0);
     run_until_done();
     CHECK(items_n == 1);
     CHECK_STR(items_sid[0], sids[1]);
-    CHECK(store_summary(st, bob, 0, on_summary, NULL) == 0);
+    CHECK(store_summary(st, &bob_dev, 0, on_summary, NULL) == 0);
     run_until_done();
     CHECK(sum_count == 1);
 }
@@ -182,6 +188,7 @@ static void test_offline_queue(void)
 static void test_live_and_due(void)
 {
     const char *carol = "carol@t1", *alice = "alice@t1";
+    const store_device_t carol_tab = {carol, "tab", 1};
     int err = -1;
     CHECK(store_epoch_next(st, on_epoch, NULL) == 0);
     run_until_done();
@@ -220,16 +227,16 @@ static void test_live_and_due(void)
     CHECK(store_claim_due(st, 11100, 100, 10, on_due, NULL) == 0);
     run_until_done();
     CHECK(due_users == 0);
-    CHECK(store_summary(st, carol, 0, on_summary, NULL) == 0);
+    CHECK(store_summary(st, &carol_tab, 0, on_summary, NULL) == 0);
     run_until_done();
     CHECK(sum_count == 2);
 
     /* A bounce with nobody else online moves the message offline at once. */
     CHECK(put(carol, alice, "l4", true, 100, 20000) == 0);
     CHECK(put_res.status == STORE_PUT_LIVE);
-    CHECK(store_bounce(st, carol, "alice@t1", "l4", "tab", on_done, &err) == 0);
+    CHECK(store_bounce(st, carol, "tab", on_done, &err) == 0);
     run_until_done();
-    CHECK(store_summary(st, carol, 0, on_summary, NULL) == 0);
+    CHECK(store_summary(st, &carol_tab, 0, on_summary, NULL) == 0);
     run_until_done();
     CHECK(sum_count == 3);
     /* And the bounced resource is no longer online. */
@@ -252,6 +259,112 @@ static void test_live_and_due(void)
     CHECK(store_presence_stale(st, 100, on_items, NULL) == 0);
     run_until_done();
     CHECK(items_n == 0);
+}
+
+static int ack_ids(const store_device_t *who, const char *sid)
+{
+    const char *ids[] = {sid};
+    CHECK(store_ack_sids(st, who, ids, 1, on_items, NULL) == 0);
+    run_until_done();
+    return (int)items_n;
+}
+
+static uint64_t summary_count(const store_device_t *who)
+{
+    CHECK(store_summary(st, who, 10, on_summary, NULL) == 0);
+    run_until_done();
+    return sum_count;
+}
+
+/* Per-device delivery: a message is pushed to each online resource until that resource acks,
+ * the receipt comes once, a known device that was offline still fetches it, and it is purged
+ * once every known device acked it. */
+static void test_per_device(void)
+{
+    const char *dan = "dan@t1", *alice = "alice@t1";
+    const store_device_t a = {dan, "a", 1}, b = {dan, "b", 1}, c = {dan, "c", 1},
+                         fresh = {dan, "new", 1};
+    int err = -1;
+    CHECK(store_epoch_next(st, on_epoch, NULL) == 0);
+    run_until_done();
+    const char *devs[] = {"a", "b", "c"};
+    for (int i = 0; i < 3; i++) {
+        CHECK(store_presence(st, STORE_PRESENCE_SET, dan, devs[i], 5, on_done, &err) == 0);
+        run_until_done();
+    }
+    /* c becomes a known device by acking something; acked by all three, m0 is purged. */
+    CHECK(put(dan, alice, "pd0", true, 100, 40000) == 0);
+    CHECK(put_res.status == STORE_PUT_LIVE && put_res.nresources == 3);
+    char sid0[64];
+    snprintf(sid0, sizeof sid0, "%s", put_sid);
+    CHECK(ack_ids(&c, sid0) == 1);
+    CHECK(ack_ids(&a, sid0) == 0 && ack_ids(&b, sid0) == 0);
+    CHECK(summary_count(&fresh) == 0);
+    CHECK(store_presence(st, STORE_PRESENCE_DEL, dan, "c", 5, on_done, &err) == 0);
+    run_until_done();
+    CHECK(err == 0);
+
+    CHECK(put(dan, alice, "pd1", true, 100, 50000) == 0);
+    CHECK(put_res.status == STORE_PUT_LIVE && put_res.nresources == 2);
+    char sid[64];
+    snprintf(sid, sizeof sid, "%s", put_sid);
+    /* Everyone who has not acked it sees it, a device never seen before included. */
+    CHECK(summary_count(&c) == 1 && items_n == 1);
+    CHECK(summary_count(&fresh) == 1);
+    /* Both online resources are retransmitted to, one delivery each. */
+    CHECK(store_claim_due(st, 50150, 100, 10, on_due, NULL) == 0);
+    run_until_done();
+    CHECK(due_users == 2 && due_items == 2);
+    /* a acks: the receipt is relayed now, b is still owed its push. */
+    CHECK(ack_ids(&a, sid) == 1);
+    CHECK(summary_count(&a) == 0 && summary_count(&b) == 1);
+    CHECK(store_claim_due(st, 50300, 100, 10, on_due, NULL) == 0);
+    run_until_done();
+    CHECK(due_users == 1 && due_items == 1);
+    /* b acks by <received/>: no second receipt, no more pushes. */
+    CHECK(store_ack_origin(st, &b, alice, "pd1", on_items, NULL) == 0);
+    run_until_done();
+    CHECK(items_n == 0);
+    CHECK(store_claim_due(st, 50500, 100, 10, on_due, NULL) == 0);
+    run_until_done();
+    CHECK(due_users == 0);
+    /* c, offline all along, still fetches it; after c's ack it is gone for everyone. */
+    CHECK(store_fetch(st, &c, 0, 10, 1 << 20, 0, on_fetch, NULL) == 0);
+    run_until_done();
+    CHECK(items_n == 1 && fetch_complete);
+    CHECK_STR(items_sid[0], sid);
+    CHECK(ack_ids(&c, sid) == 0);
+    CHECK(summary_count(&fresh) == 0);
+    /* Purged, so the quota (1 message) is free again. */
+    CHECK(put(dan, alice, "pd2", true, 1, 60000) == 0);
+    CHECK(put_res.status == STORE_PUT_LIVE);
+    /* b leaves: its push ends, but as a known device it still sees pd2. */
+    CHECK(store_presence(st, STORE_PRESENCE_DEL, dan, "b", 60001, on_done, &err) == 0);
+    run_until_done();
+    CHECK(summary_count(&b) == 1);
+
+    /* A page skips what the device acked, and its cursor moves past the skipped ones. */
+    CHECK(store_presence(st, STORE_PRESENCE_DEL, dan, "a", 60001, on_done, &err) == 0);
+    run_until_done();
+    char q[3][64];
+    for (int i = 0; i < 3; i++) {
+        char id[8];
+        snprintf(id, sizeof id, "sk%d", i);
+        CHECK(put(dan, alice, id, true, 100, 70000 + i) == 0);
+        CHECK(put_res.status == STORE_PUT_OFFLINE);
+        snprintf(q[i], sizeof q[i], "%s", put_sid);
+    }
+    CHECK(ack_ids(&a, q[0]) == 1 && ack_ids(&a, q[1]) == 1);
+    CHECK(store_fetch(st, &a, 0, 1, 1 << 20, 0, on_fetch, NULL) == 0);
+    run_until_done();
+    CHECK(items_n == 1 && !fetch_complete); /* pd2 (seq before sk0) first */
+    uint64_t after = strtoull(fetch_cursor, NULL, 10);
+    CHECK(store_fetch(st, &a, after, 1, 1 << 20, 0, on_fetch, NULL) == 0);
+    run_until_done();
+    CHECK(items_n == 1 && fetch_complete);
+    CHECK_STR(items_sid[0], q[2]);
+    CHECK_STR(fetch_cursor, q[2]);
+    CHECK(summary_count(&a) == 2 && summary_count(&b) == 4);
 }
 
 static void on_guard(uv_timer_t *t)
@@ -362,6 +475,7 @@ int main(void)
     if (connected) {
         test_offline_queue();
         test_live_and_due();
+        test_per_device();
         test_socket_and_auth();
         test_paused_redis_times_out();
     }
