@@ -36,6 +36,9 @@ static const key_t_ keys[] = {
     {"redis", "max_inflight", K_UINT, 1, 1000000, OFF(redis_max_inflight)},
     {"redis", "timeout", K_SECONDS, 100, 3600000, OFF(redis_timeout_ms)},
     {"sqlite", "path", K_STR, 0, 0, OFF(sqlite_path)},
+    {"sqlite", "archive_after", K_SECONDS, 10, 86400000ull * 3650, OFF(archive_after_ms)},
+    {"sqlite", "evict_after", K_SECONDS, 10, 86400000ull * 3650, OFF(evict_after_ms)},
+    {"sqlite", "retention_days", K_UINT, 0, 36500, OFF(retention_days)},
     {"delivery", "retry_interval", K_SECONDS, 10, 86400000, OFF(retry_ms)},
     {"delivery", "delivery_window", K_SECONDS, 10, 86400000 * 30ull, OFF(window_ms)},
     {"delivery", "dedupe_window", K_UINT, 1, 86400 * 365, OFF(dedupe_s)},
@@ -178,6 +181,8 @@ static void set_defaults(config_t *cfg)
     cfg->redis_max_inflight = 10000;
     cfg->redis_timeout_ms = 5000;
     cfg->sqlite_path = strdup("receiptd.sqlite3");
+    cfg->archive_after_ms = 7 * 86400000ll;
+    cfg->evict_after_ms = 30 * 86400000ll;
     cfg->retry_ms = 5000;
     cfg->window_ms = 30000;
     cfg->dedupe_s = 86400;

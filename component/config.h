@@ -27,6 +27,9 @@ typedef struct config {
     int64_t redis_timeout_ms;
 
     char *sqlite_path;
+    int64_t archive_after_ms; /* offline messages older than this move to SQLite */
+    int64_t evict_after_ms;   /* devices not seen for this long are forgotten */
+    uint64_t retention_days;  /* 0: archived messages are kept forever */
 
     int64_t retry_ms;
     int64_t window_ms;

@@ -15,11 +15,13 @@
 #include "config.h"
 #include "jid.h"
 #include "link.h"
+#include "archive.h"
 #include "store.h"
 
 typedef struct stats {
     uint64_t stored, duplicates, delivered, retransmitted, receipts_relayed, acked;
     uint64_t rejected_storage, rejected_full, rejected_bad;
+    uint64_t archived, expired, evicted;
 } stats_t;
 
 typedef struct daemon {
@@ -27,7 +29,11 @@ typedef struct daemon {
     xmpp_ctx_t *ctx;
     config_t cfg;
     link_t *link;   /* NULL once closed */
-    store_t *store; /* NULL once closed */
+    store_t *store;     /* NULL once closed */
+    archive_t *archive; /* NULL once closed */
+    struct cold_user *cold; /* recipients waiting for their state (component/relay.c) */
+    uv_timer_t archive_timer;
+    bool archive_inflight;
     uv_timer_t due_timer;
     bool due_inflight;
     /* The link epoch: bumped in Redis at every (re)attach, so presence recorded before it is
@@ -78,5 +84,7 @@ void presence_handle_ping_reply(daemon_t *d, xmpp_stanza_t *iq, const route_t *r
 void query_handle_iq(daemon_t *d, xmpp_stanza_t *iq, const route_t *r);
 void retry_start(daemon_t *d);
 void retry_stop(daemon_t *d);
+void archiver_start(daemon_t *d);
+void archiver_stop(daemon_t *d);
 
 #endif

@@ -11,6 +11,7 @@
 
 #include "daemon.h"
 #include "log.h"
+#include "stats.h"
 
 #ifndef RECEIPTD_VERSION
 #define RECEIPTD_VERSION "dev"
@@ -25,13 +26,15 @@ typedef struct app {
 static void usage(FILE *f)
 {
     fprintf(f,
-            "Usage: receiptd [-c FILE] [--check-config]\n"
+            "Usage: receiptd [-c FILE] [--check-config | --stats]\n"
             "\n"
             "Reliable delivery for XMPP as an external component (XEP-0114): server-side\n"
             "receipts, durable offline queues in Redis, batched offline retrieval.\n"
             "\n"
             "  -c, --config FILE   configuration file (default: component.ini)\n"
             "      --check-config  validate the configuration and exit\n"
+            "      --stats         print users, messages and bytes per tier (Redis, SQLite\n"
+            "                      archive) and exit\n"
             "      --version       print the version and exit\n"
             "  -h, --help          print this help and exit\n"
             "\n"
@@ -136,6 +139,7 @@ static void on_signal(uv_signal_t *s, int signum)
     app->stopping = true;
     log_info("receiptd: %s received, shutting down", signum == SIGTERM ? "SIGTERM" : "SIGINT");
     retry_stop(d);
+    archiver_stop(d);
     if (d->link) {
         link_close(d->link);
         d->link = NULL;
@@ -145,6 +149,11 @@ static void on_signal(uv_signal_t *s, int signum)
         d->store = NULL;
         store_close(st);
     }
+    if (d->archive) {
+        archive_t *a = d->archive;
+        d->archive = NULL;
+        archive_close(a); /* queued archive work still finishes before the loop ends */
+    }
     uv_close((uv_handle_t *)&app->sigterm, NULL);
     uv_close((uv_handle_t *)&app->sigint, NULL);
 }
@@ -153,10 +162,14 @@ static void log_stats(const daemon_t *d)
 {
     const stats_t *s = &d->stats;
     log_info("receiptd: stored %llu, duplicates %llu, pushed %llu, retransmitted %llu, acked %llu, "
-             "receipts relayed %llu; rejected: storage %llu, queue full %llu, bad input %llu",
+             "receipts relayed %llu, archived %llu, expired %llu, evicted %llu; rejected: "
+             "storage %llu, "
+             "queue full %llu, bad input %llu",
              (unsigned long long)s->stored, (unsigned long long)s->duplicates,
              (unsigned long long)s->delivered, (unsigned long long)s->retransmitted,
              (unsigned long long)s->acked, (unsigned long long)s->receipts_relayed,
+             (unsigned long long)s->archived, (unsigned long long)s->expired,
+             (unsigned long long)s->evicted,
              (unsigned long long)s->rejected_storage, (unsigned long long)s->rejected_full,
              (unsigned long long)s->rejected_bad);
 }
@@ -166,15 +179,17 @@ int main(int argc, char **argv)
     static const struct option opts[] = {
         {"config", required_argument, NULL, 'c'}, {"check-config", no_argument, NULL, 'k'},
         {"version", no_argument, NULL, 'v'},      {"help", no_argument, NULL, 'h'},
+        {"stats", no_argument, NULL, 's'},
         {NULL, 0, NULL, 0},
     };
     const char *path = "component.ini";
-    bool check_only = false;
+    bool check_only = false, stats_only = false;
     int opt;
     while ((opt = getopt_long(argc, argv, "c:h", opts, NULL)) != -1) {
         switch (opt) {
         case 'c': path = optarg; break;
         case 'k': check_only = true; break;
+        case 's': stats_only = true; break;
         case 'v': printf("receiptd %s\n", RECEIPTD_VERSION); return 0;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
@@ -201,6 +216,11 @@ int main(int argc, char **argv)
         config_free(&d->cfg);
         return 0;
     }
+    if (stats_only) {
+        int src = stats_print(&d->cfg, stdout);
+        config_free(&d->cfg);
+        return src;
+    }
     log_set_level(d->cfg.log_level);
     srand((unsigned)time(NULL) ^ (unsigned)getpid());
     snprintf(d->epoch, sizeof d->epoch, "0");
@@ -221,6 +241,10 @@ int main(int argc, char **argv)
     link_config_t lcfg = {d->cfg.server_host, d->cfg.server_port, d->cfg.jid, d->cfg.secret,
                           d->cfg.max_stanza_bytes, 64u << 20};
     link_callbacks_t lcb = {on_link_up, on_link_down, on_link_stanza};
+    if (archive_open(&loop, d->cfg.sqlite_path, &d->archive, err, sizeof err) < 0) {
+        fprintf(stderr, "receiptd: [sqlite] path: %s\n", err);
+        return 1;
+    }
     if (store_create(&loop, &scfg, on_store_state, d, &d->store) < 0 ||
         link_create(&loop, d->ctx, &lcfg, &lcb, d, &d->link) < 0) {
         fprintf(stderr, "receiptd: out of memory\n");
@@ -233,6 +257,7 @@ int main(int argc, char **argv)
     uv_signal_start(&app.sigint, on_signal, SIGINT);
     signal(SIGPIPE, SIG_IGN);
     retry_start(d);
+    archiver_start(d);
     log_info("receiptd %s: component %s, server %s:%d, redis %s:%d", RECEIPTD_VERSION, d->cfg.jid,
              d->cfg.server_host, d->cfg.server_port, d->cfg.redis_host, d->cfg.redis_port);
     link_start(d->link);

@@ -11,6 +11,7 @@
 #include "log.h"
 #include "ns.h"
 #include "stanza.h"
+#include "tiers.h"
 
 #define PING_PREFIX "rdping-"
 #define STALE_MAX 10000
@@ -29,6 +30,9 @@ static void send_presence(daemon_t *d, const char *to, const char *type)
 
 static void registry_update(daemon_t *d, store_presence_op_t op, const route_t *r)
 {
+    /* Presence is activity: it keeps the user from eviction, or brings an evicted one back. */
+    if (d->store)
+        tiers_touch(d, r->from_bare);
     if (!d->store || store_presence(d->store, op, r->from_bare, r->from_jid.resource,
                                     daemon_now_ms(), NULL, NULL) < 0)
         log_warn("presence: storage unavailable; presence of %s not recorded", r->from);

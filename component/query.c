@@ -11,6 +11,7 @@
 #include "log.h"
 #include "ns.h"
 #include "stanza.h"
+#include "tiers.h"
 
 /* Bytes a fetched message adds around its stored blob (<forwarded/>, <delay/>, stanza-id). */
 #define FORWARD_OVERHEAD 320
@@ -66,9 +67,11 @@ static void send_buf(daemon_t *d, proto_buf_t *b)
 /* ---- summary ------------------------------------------------------------------------------ */
 
 static void on_summary(void *ud, int err, uint64_t count, uint64_t bytes,
-                       const store_item_t ends[2], const store_item_t *items, size_t n)
+                       const store_item_t ends[2], const store_item_t *items, size_t n,
+                       bool archived)
 {
     static const char *const end_names[2] = {"oldest", "newest"};
+    (void)archived;
     iq_ctx_t *c = ud;
     daemon_t *d = c->d;
     if (err) {
@@ -133,18 +136,17 @@ static void handle_summary(daemon_t *d, xmpp_stanza_t *iq, xmpp_stanza_t *payloa
         return;
     c->with_ids = with_ids;
     store_device_t who = device_of(r);
-    int rc = d->store ? store_summary(d->store, &who, with_ids ? d->cfg.fetch_max : 0,
-                                      on_summary, c)
-                      : STORE_EDOWN;
+    int rc = tiers_summary(d, &who, with_ids ? d->cfg.fetch_max : 0, on_summary, c);
     if (rc < 0)
-        on_summary(c, rc, 0, 0, NULL, NULL, 0);
+        on_summary(c, rc, 0, 0, NULL, NULL, 0, false);
 }
 
 /* ---- fetch -------------------------------------------------------------------------------- */
 
 static void on_fetch(void *ud, int err, bool complete, const char *cursor,
-                     const store_item_t *items, size_t n)
+                     const store_item_t *items, size_t n, bool archived)
 {
+    (void)archived;
     iq_ctx_t *c = ud;
     daemon_t *d = c->d;
     if (err) {
@@ -194,11 +196,10 @@ static void handle_fetch(daemon_t *d, xmpp_stanza_t *iq, xmpp_stanza_t *payload,
     if (!c)
         return;
     store_device_t who = device_of(r);
-    int rc = d->store ? store_fetch(d->store, &who, f.after_seq, f.max, d->cfg.fetch_max_bytes,
-                                    FORWARD_OVERHEAD, on_fetch, c)
-                      : STORE_EDOWN;
+    int rc = tiers_fetch(d, &who, f.after_seq, f.max, d->cfg.fetch_max_bytes, FORWARD_OVERHEAD,
+                         on_fetch, c);
     if (rc < 0)
-        on_fetch(c, rc, false, NULL, NULL, 0);
+        on_fetch(c, rc, false, NULL, NULL, 0, false);
 }
 
 /* ---- ack ---------------------------------------------------------------------------------- */
@@ -241,7 +242,7 @@ static void handle_ack(daemon_t *d, xmpp_stanza_t *iq, xmpp_stanza_t *payload, c
             c->base.iq = xmpp_stanza_clone(iq);
             snprintf(c->acker_full, sizeof c->acker_full, "%s", r->from);
             store_device_t who = device_of(r);
-            int rc = d->store ? store_ack_sids(d->store, &who, ids, n, on_ack, c) : STORE_EDOWN;
+            int rc = tiers_ack_sids(d, &who, ids, n, on_ack, c);
             if (rc < 0)
                 on_ack(c, rc, NULL, 0);
         }

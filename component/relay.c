@@ -11,16 +11,28 @@
 #include "log.h"
 #include "ns.h"
 #include "stanza.h"
+#include "tiers.h"
+
+typedef struct cold_user cold_user_t;
 
 typedef struct put_ctx {
     daemon_t *d;
     xmpp_stanza_t *msg; /* our reference to the original */
     bool track;
     bool is_receipt;
+    bool restored;               /* the recipient's state was restored once already */
+    struct put_ctx *next_cold;   /* queued behind a cold recipient (see put_cold) */
     char recipient[PROTO_JID_MAX];
+    char sender_bare[PROTO_JID_MAX];
     char sender_full[PROTO_JID_MAX];
+    int64_t stamp_ms;
     proto_buf_t blob; /* what was stored, pushed as it is when the recipient is online */
 } put_ctx_t;
+
+static void put_start(put_ctx_t *pc);
+static void put_cold(put_ctx_t *pc);
+static void cold_restore(daemon_t *d, cold_user_t *c);
+static void cold_remove_keep(daemon_t *d, cold_user_t *c);
 
 /* Pushes one stored message to each online resource of user, from the relay address of the
  * one who wrote it. */
@@ -63,10 +75,165 @@ static void send_stored(daemon_t *d, xmpp_stanza_t *msg, const char *sid)
                                       xmpp_stanza_get_id(msg), sid));
 }
 
+static void put_ctx_free(put_ctx_t *pc)
+{
+    xmpp_stanza_release(pc->msg);
+    proto_buf_free(&pc->blob);
+    free(pc);
+}
+
+static void on_put(void *ud, int err, const store_put_result_t *res);
+
+/* ---- recipients without state in Redis ----------------------------------------------------
+ * Redis answers "cold" for a recipient it holds nothing for: new, or evicted to the archive.
+ * Which one only the archive knows, asynchronously, and messages keep arriving meanwhile: they
+ * queue behind the first one per recipient, in the order Redis answered (their arrival order),
+ * so stanza-ids still follow arrival. An evicted recipient's messages go to the archive one by
+ * one in that order; for anyone else the state is (re)created and the queue is put again in one
+ * loop turn, ahead of anything that arrives later. */
+struct cold_user {
+    char user[PROTO_JID_MAX];
+    put_ctx_t *head, *tail;
+    struct cold_user *next;
+};
+
+static cold_user_t *cold_find(daemon_t *d, const char *user)
+{
+    for (cold_user_t *c = d->cold; c; c = c->next)
+        if (strcmp(c->user, user) == 0)
+            return c;
+    return NULL;
+}
+
+static void cold_remove(daemon_t *d, cold_user_t *c)
+{
+    cold_remove_keep(d, c);
+    free(c);
+}
+
+/* Unlinks c from the daemon's list; the caller frees it. */
+static void cold_remove_keep(daemon_t *d, cold_user_t *c)
+{
+    for (cold_user_t **p = &d->cold; *p; p = &(*p)->next)
+        if (*p == c) {
+            *p = c->next;
+            break;
+        }
+}
+
+static put_ctx_t *cold_pop(cold_user_t *c)
+{
+    put_ctx_t *pc = c->head;
+    if (pc) {
+        c->head = pc->next_cold;
+        if (!c->head)
+            c->tail = NULL;
+        pc->next_cold = NULL;
+    }
+    return pc;
+}
+
+static void cold_next(daemon_t *d, cold_user_t *c);
+
+static void on_put_evicted(void *ud, int err, archive_put_status_t status, const char *sid)
+{
+    cold_user_t *c = ud;
+    daemon_t *d = c->head->d;
+    if (!err && status == ARCHIVE_PUT_NOT_EVICTED) {
+        cold_restore(d, c);
+        return;
+    }
+    put_ctx_t *pc = cold_pop(c);
+    if (err) {
+        on_put(pc, STORE_EREPLY, NULL);
+    } else {
+        log_debug("relay: %s is evicted; message from %s stored in the archive as %s",
+                  pc->recipient, pc->sender_full, sid);
+        store_put_result_t res = {status == ARCHIVE_PUT_DUP ? STORE_PUT_DUP : STORE_PUT_OFFLINE,
+                                  sid, NULL, 0};
+        on_put(pc, 0, &res);
+    }
+    cold_next(d, c);
+}
+
+/* The queue's head goes to the archive if the recipient is evicted. */
+static void cold_next(daemon_t *d, cold_user_t *c)
+{
+    put_ctx_t *pc = c->head;
+    if (!pc) {
+        cold_remove(d, c);
+        return;
+    }
+    const char *oid = xmpp_stanza_get_id(pc->msg);
+    char origin[PROTO_JID_MAX + 256], suffix[9];
+    snprintf(origin, sizeof origin, "%s %s", pc->sender_bare, oid ? oid : "");
+    snprintf(suffix, sizeof suffix, "%08x", (unsigned)rand());
+    archive_msg_t m = {NULL, pc->stamp_ms, pc->blob.data, pc->blob.len, "",
+                       pc->track && oid && *oid ? origin : NULL};
+    int rc = d->archive ? archive_put_evicted(d->archive, pc->recipient, &m, suffix,
+                                              on_put_evicted, c)
+                        : ARCHIVE_EDB;
+    if (rc < 0)
+        cold_restore(d, c);
+}
+
+static void on_cold_restored(void *ud, int err)
+{
+    cold_user_t *c = ud;
+    daemon_t *d = c->head->d;
+    put_ctx_t *pc;
+    cold_remove_keep(d, c);
+    while ((pc = cold_pop(c))) {
+        if (err) {
+            on_put(pc, err, NULL);
+        } else {
+            pc->restored = true;
+            put_start(pc);
+        }
+    }
+    free(c);
+}
+
+/* Not evicted: create (or restore) the state, then put the whole queue again. */
+static void cold_restore(daemon_t *d, cold_user_t *c)
+{
+    int rc = tiers_restore(d, c->user, on_cold_restored, c);
+    if (rc < 0)
+        on_cold_restored(c, rc);
+}
+
+static void put_cold(put_ctx_t *pc)
+{
+    daemon_t *d = pc->d;
+    if (pc->restored) {
+        on_put(pc, STORE_EREPLY, NULL); /* evicted again in between: the sender retries */
+        return;
+    }
+    cold_user_t *c = cold_find(d, pc->recipient);
+    if (c) {
+        c->tail->next_cold = pc;
+        c->tail = pc;
+        return;
+    }
+    if (!(c = calloc(1, sizeof *c))) {
+        on_put(pc, STORE_ENOMEM, NULL);
+        return;
+    }
+    snprintf(c->user, sizeof c->user, "%s", pc->recipient);
+    c->head = c->tail = pc;
+    c->next = d->cold;
+    d->cold = c;
+    cold_next(d, c);
+}
+
 static void on_put(void *ud, int err, const store_put_result_t *res)
 {
     put_ctx_t *pc = ud;
     daemon_t *d = pc->d;
+    if (!err && res->status == STORE_PUT_COLD) {
+        put_cold(pc);
+        return;
+    }
     if (err) {
         log_info("relay: message from %s to %s not stored (%s); sender gets a wait error",
                  pc->sender_full, pc->recipient,
@@ -91,6 +258,7 @@ static void on_put(void *ud, int err, const store_put_result_t *res)
         if (pc->track)
             send_stored(d, pc->msg, res->sid);
         break;
+    case STORE_PUT_COLD: /* handled above */
     case STORE_PUT_LIVE:
     case STORE_PUT_OFFLINE:
         if (*res->sid)
@@ -105,9 +273,29 @@ static void on_put(void *ud, int err, const store_put_result_t *res)
         break;
     }
 done:
-    xmpp_stanza_release(pc->msg);
-    proto_buf_free(&pc->blob);
-    free(pc);
+    put_ctx_free(pc);
+}
+
+static void put_start(put_ctx_t *pc)
+{
+    daemon_t *d = pc->d;
+    store_put_t req = {
+        .user = pc->recipient,
+        .sender = pc->sender_bare,
+        .orig_id = xmpp_stanza_get_id(pc->msg),
+        .blob = pc->blob.data,
+        .blob_len = pc->blob.len,
+        .track = pc->track,
+        .now_ms = daemon_now_ms(),
+        .retry_ms = d->cfg.retry_ms,
+        .window_ms = d->cfg.window_ms,
+        .dedupe_s = d->cfg.dedupe_s,
+        .max_messages = d->cfg.max_offline_messages,
+        .max_bytes = d->cfg.max_offline_bytes,
+    };
+    int rc = d->store ? store_put_message(d->store, &req, on_put, pc) : STORE_EDOWN;
+    if (rc < 0)
+        on_put(pc, rc, NULL); /* not queued, so on_put would never run: answer now */
 }
 
 /* Stores msg for recipient and continues in on_put. blob_from is who wrote it (full JID). */
@@ -121,7 +309,8 @@ static void relay_store(daemon_t *d, xmpp_stanza_t *msg, const char *recipient,
     if (!pc || proto_serialize_inner(msg, d->cfg.jid, &inner) < 0)
         goto oom;
     proto_buf_init(&pc->blob);
-    store_blob_encode(&pc->blob, daemon_now_ms(), track ? STORE_BLOB_RECEIPT : 0, blob_from,
+    pc->stamp_ms = daemon_now_ms();
+    store_blob_encode(&pc->blob, pc->stamp_ms, track ? STORE_BLOB_RECEIPT : 0, blob_from,
                       xmpp_stanza_get_type(msg), xmpp_stanza_get_id(msg),
                       inner.data ? inner.data : "", inner.len);
     proto_buf_free(&inner);
@@ -135,23 +324,8 @@ static void relay_store(daemon_t *d, xmpp_stanza_t *msg, const char *recipient,
     pc->is_receipt = is_receipt;
     snprintf(pc->recipient, sizeof pc->recipient, "%s", recipient);
     snprintf(pc->sender_full, sizeof pc->sender_full, "%s", blob_from);
-    store_put_t req = {
-        .user = recipient,
-        .sender = sender_bare,
-        .orig_id = xmpp_stanza_get_id(msg),
-        .blob = pc->blob.data,
-        .blob_len = pc->blob.len,
-        .track = track,
-        .now_ms = daemon_now_ms(),
-        .retry_ms = d->cfg.retry_ms,
-        .window_ms = d->cfg.window_ms,
-        .dedupe_s = d->cfg.dedupe_s,
-        .max_messages = d->cfg.max_offline_messages,
-        .max_bytes = d->cfg.max_offline_bytes,
-    };
-    int rc = d->store ? store_put_message(d->store, &req, on_put, pc) : STORE_EDOWN;
-    if (rc < 0)
-        on_put(pc, rc, NULL); /* not queued, so on_put would never run: answer now */
+    snprintf(pc->sender_bare, sizeof pc->sender_bare, "%s", sender_bare);
+    put_start(pc);
     return;
 oom:
     free(pc);
@@ -263,8 +437,7 @@ void relay_handle_message(daemon_t *d, xmpp_stanza_t *msg, const route_t *r)
         ac->d = d;
         snprintf(ac->acker_full, sizeof ac->acker_full, "%s", r->from);
         store_device_t who = {r->from_bare, r->from_jid.resource, daemon_now_ms()};
-        int rc = d->store ? store_ack_origin(d->store, &who, r->peer_bare, rid, on_received, ac)
-                          : STORE_EDOWN;
+        int rc = tiers_ack_origin(d, &who, r->peer_bare, rid, on_received, ac);
         if (rc < 0)
             on_received(ac, rc, NULL, 0);
         return;

@@ -88,13 +88,15 @@
     "  if redis.call('HEXISTS', P .. ':dev', dev) == 1 then redis.call('HSET', P .. ':dev', dev, now) end\n" \
     "end\n"
 
-/* KEYS: P, rd:due. ARGV: user, sender, orig id ('' = none), suffix, blob, track (1 = receipt
+/* KEYS: P, rd:due, rd:arch, rd:act. ARGV: user, sender, orig id ('' = none), suffix, blob, track (1 = receipt
  * requested: dedupe and keep pending), now, retry_ms, window_ms, dedupe_s, max_n, max_b.
- * Returns {'dup', S} | {'full'} | {'live', S or '', resource...} | {'offline', S}. */
+ * Returns {'dup', S} | {'full'} | {'live', S or '', resource...} | {'offline', S} | {'cold'}:
+ * the user has no state here (new, or evicted to the archive); the caller restores it first. */
 static const char put_lua[] =
     LUA_HELPERS
     "local P, user, sender, oid, blob = KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[5]\n"
     "local track, now = ARGV[6] == '1', tonumber(ARGV[7])\n"
+    "if redis.call('EXISTS', P .. ':seq') == 0 then return {'cold'} end\n"
     "local okey = nil\n"
     "if track and oid ~= '' then\n"
     "  okey = sender .. ' ' .. oid\n"
@@ -112,6 +114,8 @@ static const char put_lua[] =
     "redis.call('HSET', P .. ':m', sid, blob)\n"
     "redis.call('ZADD', P .. ':q', seq, sid)\n"
     "redis.call('INCRBY', P .. ':qb', #blob)\n"
+    "redis.call('ZADD', KEYS[3], 'NX', now, user)\n"
+    "redis.call('ZADD', KEYS[4], 'NX', now, user)\n"
     "if okey then\n"
     "  redis.call('SET', P .. ':dd:' .. okey, sid, 'EX', ARGV[10])\n"
     "  redis.call('HSET', P .. ':o', okey, sid)\n"
@@ -127,15 +131,18 @@ static const char put_lua[] =
 
 /* KEYS: P. ARGV: device, now, 'sid', S... | 'orig', "sender origid". The device has the
  * messages: it becomes a known device, its pending deliveries of them end, and each message is
- * purged once every known device acked it. Returns {S, blob, ...} for the messages acked for the
- * first time by any device: the receipts to relay, once per message. */
+ * purged once every known device acked it. Returns {archived (0|1), known devices (newline-
+ * separated), {S found here...}, S, blob, ...}, the pairs being the messages acked for the first
+ * time by any device: the receipts to relay, once per message. */
 static const char ack_lua[] =
     LUA_HELPERS
-    "local P, dev, out = KEYS[1], ARGV[1], {}\n"
+    "local P, dev, found = KEYS[1], ARGV[1], {}\n"
+    "local out = {redis.call('EXISTS', P .. ':ar'), '', found}\n"
     "redis.call('HSET', P .. ':dev', dev, ARGV[2])\n"
     "local function ack(sid)\n"
     "  local blob = redis.call('HGET', P .. ':m', sid)\n"
     "  if not blob then return end\n"
+    "  found[#found + 1] = sid\n"
     "  redis.call('ZREM', P .. ':p', sid .. ' ' .. dev)\n"
     "  if acked_by(P, sid, dev) then return end\n"
     "  local list = redis.call('HGET', P .. ':ak', sid)\n"
@@ -154,6 +161,9 @@ static const char ack_lua[] =
     "else\n"
     "  for i = 4, #ARGV do ack(ARGV[i]) end\n"
     "end\n"
+    "local known = redis.call('HKEYS', P .. ':dev')\n"
+    "for _, r in ipairs(online(P)) do known[#known + 1] = r end\n"
+    "out[2] = table.concat(known, '\\n')\n"
     "return out\n";
 
 /* KEYS: P, rd:online. ARGV: user, resource. A push to the resource bounced: it is gone, and
@@ -240,8 +250,8 @@ static const char stale_lua[] =
     "return out\n";
 
 /* KEYS: P. ARGV: device, now, max items. The device's view: what it has not acked.
- * Returns {count, bytes, oldest blob, newest blob, S, blob, ...} with the blobs '' when the view
- * is empty and up to max (S, blob) pairs, oldest first. */
+ * Returns {count, bytes, oldest blob, newest blob, archived (0|1), S, blob, ...} with the blobs ''
+ * when the view is empty and up to max (S, blob) pairs, oldest first. */
 static const char summary_lua[] =
     LUA_HELPERS LUA_VIEW
     "local P, dev, max = KEYS[1], ARGV[1], tonumber(ARGV[3])\n"
@@ -249,7 +259,7 @@ static const char summary_lua[] =
     "local count = redis.call('ZCARD', P .. ':q') - tonumber(redis.call('HGET', P .. ':an', dev) or '0')\n"
     "local bytes = tonumber(redis.call('GET', P .. ':qb') or '0') -\n"
     "              tonumber(redis.call('HGET', P .. ':ab', dev) or '0')\n"
-    "local out = {count, bytes, '', ''}\n"
+    "local out = {count, bytes, '', '', redis.call('EXISTS', P .. ':ar')}\n"
     "local first = view(P, dev, 0, math.max(max, 1), 4096)\n"
     "if first[1] then out[3] = redis.call('HGET', P .. ':m', first[1]) end\n"
     "for i = 0, 4095, 64 do\n"
@@ -271,7 +281,8 @@ static const char summary_lua[] =
 
 /* KEYS: P. ARGV: device, now, after seq, max, max bytes, per-message overhead. The device's
  * view, oldest first after the cursor; always at least one message, so a single large one cannot
- * stall the reader. Returns {complete (0|1), cursor ('' for none), S, blob, ...}; the next page
+ * stall the reader. Returns {complete (0|1), cursor ('' for none), archived (0|1), S, blob, ...};
+ * the next page
  * starts after the cursor, which may be past the last item when acked messages were skipped. */
 static const char fetch_lua[] =
     LUA_HELPERS LUA_VIEW
@@ -279,7 +290,7 @@ static const char fetch_lua[] =
     "local max, budget, over = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])\n"
     "touch(P, dev, ARGV[2])\n"
     "local sids, cursor, at_end = view(P, dev, ARGV[3], max + 1, 4 * max + 1000)\n"
-    "local out, used, taken = {0, ''}, 0, 0\n"
+    "local out, used, taken = {0, '', redis.call('EXISTS', P .. ':ar')}, 0, 0\n"
     "for _, sid in ipairs(sids) do\n"
     "  if taken == max then break end\n"
     "  local blob = redis.call('HGET', P .. ':m', sid) or ''\n"
@@ -297,6 +308,138 @@ static const char fetch_lua[] =
     "end\n"
     "return out\n";
 
+/* The stamp in a blob's header ("1 <stamp_ms> ..."): the archiver's one look inside a blob. */
+#define LUA_STAMP "local function stamp_of(blob) return tonumber(string.match(blob, '^%d+ (%d+) ')) end\n"
+
+/* KEYS: rd:arch. ARGV: cutoff, now, max users, max messages per user. For users whose oldest
+ * message may be older than cutoff: their oldest messages stamped before it and out of their
+ * delivery window, oldest first, stopping at the first younger one. Marks those users as having
+ * an archive (P:ar) before anything is copied, so acks from now on also go to the archive.
+ * Returns {user, {S, blob, acked, origin, ...}, ...}; nothing is removed here. */
+static const char archive_take_lua[] =
+    LUA_STAMP
+    "local cutoff, now, per = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[4])\n"
+    "local out = {}\n"
+    "for _, u in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', cutoff, 'LIMIT', 0, ARGV[3])) do\n"
+    "  local P, msgs = 'rd:{' .. u .. '}', {}\n"
+    "  for _, sid in ipairs(redis.call('ZRANGE', P .. ':q', 0, per - 1)) do\n"
+    "    local blob = redis.call('HGET', P .. ':m', sid)\n"
+    "    local st = blob and stamp_of(blob) or 0\n"
+    "    local window = tonumber(redis.call('HGET', P .. ':pw', sid) or '0')\n"
+    "    if st >= cutoff or window > now then break end\n"
+    "    msgs[#msgs + 1] = sid\n"
+    "    msgs[#msgs + 1] = blob\n"
+    "    msgs[#msgs + 1] = redis.call('HGET', P .. ':ak', sid) or ''\n"
+    "    msgs[#msgs + 1] = redis.call('HGET', P .. ':k', sid) or ''\n"
+    "  end\n"
+    "  if #msgs > 0 then redis.call('SET', P .. ':ar', '1') end\n"
+    "  out[#out + 1] = u\n"
+    "  out[#out + 1] = msgs\n"
+    "end\n"
+    "return out\n";
+
+/* KEYS: P, rd:arch. ARGV: user, now, S... The archive committed these messages: remove them here,
+ * then re-index the user by the stamp of its oldest remaining message (or, while that one is in its
+ * delivery window, by the window's end). */
+static const char archive_drop_lua[] =
+    LUA_HELPERS LUA_STAMP
+    "local P = KEYS[1]\n"
+    "for i = 3, #ARGV do\n"
+    "  local blob = redis.call('HGET', P .. ':m', ARGV[i])\n"
+    "  if blob then\n"
+    "    for _, m in ipairs(redis.call('ZRANGE', P .. ':p', 0, -1)) do\n"
+    "      if split(m) == ARGV[i] then redis.call('ZREM', P .. ':p', m) end\n"
+    "    end\n"
+    "    purge(P, ARGV[i], blob)\n"
+    "  end\n"
+    "end\n"
+    "local first = redis.call('ZRANGE', P .. ':q', 0, 0)[1]\n"
+    "if not first then\n"
+    "  redis.call('ZREM', KEYS[2], ARGV[1])\n"
+    "else\n"
+    "  local st = stamp_of(redis.call('HGET', P .. ':m', first) or '') or tonumber(ARGV[2])\n"
+    "  local window = tonumber(redis.call('HGET', P .. ':pw', first) or '0')\n"
+    "  redis.call('ZADD', KEYS[2], math.max(st, window), ARGV[1])\n"
+    "end\n"
+    "return 1\n";
+
+/* KEYS: P, rd:act. ARGV: user, now, forget_ms. The user did something (presence, IQ): records it
+ * for eviction, forgets devices not seen for forget_ms, and returns 1 when the user has no state
+ * here (new, or evicted: the caller restores it from the archive). */
+static const char activity_lua[] =
+    "local P, now = KEYS[1], tonumber(ARGV[2])\n"
+    "redis.call('ZADD', KEYS[2], now, ARGV[1])\n"
+    "local devs = redis.call('HGETALL', P .. ':dev')\n"
+    "for i = 1, #devs, 2 do\n"
+    "  if tonumber(devs[i + 1]) < now - tonumber(ARGV[3]) then redis.call('HDEL', P .. ':dev', devs[i]) end\n"
+    "end\n"
+    "return redis.call('EXISTS', P .. ':seq') == 0 and 1 or 0\n";
+
+/* KEYS: P, rd:act. ARGV: user, seq, now, archived (0|1), device, seen, ... Brings back what
+ * eviction kept in the archive (or creates the state of a new user: seq 0, no devices). */
+static const char restore_lua[] =
+    "local P = KEYS[1]\n"
+    "if tonumber(redis.call('GET', P .. ':seq') or '-1') < tonumber(ARGV[2]) then\n"
+    "  redis.call('SET', P .. ':seq', ARGV[2])\n"
+    "end\n"
+    "for i = 5, #ARGV, 2 do redis.call('HSETNX', P .. ':dev', ARGV[i], ARGV[i + 1]) end\n"
+    "if ARGV[4] == '1' then redis.call('SET', P .. ':ar', '1') end\n"
+    "redis.call('ZADD', KEYS[2], 'NX', ARGV[3], ARGV[1])\n"
+    "return 1\n";
+
+/* KEYS: rd:act. ARGV: cutoff, now, max users, max messages. Users inactive since cutoff with
+ * nobody online: their state to move to the archive. Returns {user, seq, {device, seen, ...},
+ * complete (0|1), {S, blob, acked, origin, ...}, ...}; complete 0 when more messages remain than
+ * max (those go in a later pass). Users online after all are re-stamped and skipped. */
+static const char evict_take_lua[] =
+    LUA_HELPERS
+    "local now, per = tonumber(ARGV[2]), tonumber(ARGV[4])\n"
+    "local out = {}\n"
+    "for _, u in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])) do\n"
+    "  local P = 'rd:{' .. u .. '}'\n"
+    "  if #online(P) > 0 or redis.call('ZCARD', P .. ':p') > 0 then\n"
+    "    redis.call('ZADD', KEYS[1], now, u)\n"
+    "  else\n"
+    "    local sids = redis.call('ZRANGE', P .. ':q', 0, per)\n"
+    "    local msgs = {}\n"
+    "    for i = 1, math.min(#sids, per) do\n"
+    "      local sid = sids[i]\n"
+    "      msgs[#msgs + 1] = sid\n"
+    "      msgs[#msgs + 1] = redis.call('HGET', P .. ':m', sid) or ''\n"
+    "      msgs[#msgs + 1] = redis.call('HGET', P .. ':ak', sid) or ''\n"
+    "      msgs[#msgs + 1] = redis.call('HGET', P .. ':k', sid) or ''\n"
+    "    end\n"
+    "    redis.call('SET', P .. ':ar', '1')\n"
+    "    out[#out + 1] = u\n"
+    "    out[#out + 1] = redis.call('GET', P .. ':seq') or '0'\n"
+    "    out[#out + 1] = redis.call('HGETALL', P .. ':dev')\n"
+    "    out[#out + 1] = #sids <= per and 1 or 0\n"
+    "    out[#out + 1] = msgs\n"
+    "  end\n"
+    "end\n"
+    "return out\n";
+
+/* KEYS: P, rd:act, rd:arch, rd:due, rd:online. ARGV: user, evict (0|1), S... The archive committed
+ * these messages (and, with evict 1, the user's state): delete them here; with evict 1 and
+ * nothing left and nobody online, delete all of the user's state. Returns 1 when evicted. */
+static const char evict_drop_lua[] =
+    LUA_HELPERS
+    "local P, u = KEYS[1], ARGV[1]\n"
+    "for i = 3, #ARGV do\n"
+    "  local blob = redis.call('HGET', P .. ':m', ARGV[i])\n"
+    "  if blob then purge(P, ARGV[i], blob) end\n"
+    "end\n"
+    "if ARGV[2] ~= '1' or redis.call('ZCARD', P .. ':q') > 0 or #online(P) > 0 or\n"
+    "   redis.call('ZCARD', P .. ':p') > 0 then return 0 end\n"
+    "for _, k in ipairs({'seq', 'm', 'q', 'qb', 'ak', 'an', 'ab', 'dev', 'p', 'pw', 'o', 'k', 'r', 'ar'}) do\n"
+    "  redis.call('DEL', P .. ':' .. k)\n"
+    "end\n"
+    "redis.call('ZREM', KEYS[2], u)\n"
+    "redis.call('ZREM', KEYS[3], u)\n"
+    "redis.call('ZREM', KEYS[4], u)\n"
+    "redis.call('SREM', KEYS[5], u)\n"
+    "return 1\n";
+
 const char *store_script_source(store_script_t s)
 {
     static const char *const sources[STORE_SCRIPT_COUNT] = {
@@ -304,6 +447,12 @@ const char *store_script_source(store_script_t s)
         [STORE_SCRIPT_BOUNCE] = bounce_lua,   [STORE_SCRIPT_DUE] = due_lua,
         [STORE_SCRIPT_PRESENCE] = presence_lua, [STORE_SCRIPT_STALE] = stale_lua,
         [STORE_SCRIPT_SUMMARY] = summary_lua, [STORE_SCRIPT_FETCH] = fetch_lua,
+        [STORE_SCRIPT_ARCHIVE_TAKE] = archive_take_lua,
+        [STORE_SCRIPT_ARCHIVE_DROP] = archive_drop_lua,
+        [STORE_SCRIPT_ACTIVITY] = activity_lua,
+        [STORE_SCRIPT_RESTORE] = restore_lua,
+        [STORE_SCRIPT_EVICT_TAKE] = evict_take_lua,
+        [STORE_SCRIPT_EVICT_DROP] = evict_drop_lua,
     };
     return sources[s];
 }

@@ -21,6 +21,8 @@
 #define KEY_DUE "rd:due"
 #define KEY_ONLINE "rd:online"
 #define KEY_EPOCH "rd:epoch"
+#define KEY_ARCH "rd:arch"
+#define KEY_ACT "rd:act"
 
 struct store {
     uv_loop_t *loop;
@@ -50,6 +52,10 @@ struct store {
 typedef enum {
     REQ_PUT,
     REQ_ITEMS,
+    REQ_ACK,
+    REQ_OLD,
+    REQ_EVICT,
+    REQ_FLAG,
     REQ_DONE,
     REQ_EPOCH,
     REQ_DUE,
@@ -65,6 +71,10 @@ typedef struct req {
     union {
         store_put_cb put;
         store_items_cb items;
+        store_ack_cb ack;
+        store_old_cb old;
+        store_evict_cb evict;
+        store_flag_cb flag;
         store_done_cb done;
         store_epoch_cb epoch;
         store_due_cb due;
@@ -338,8 +348,8 @@ static int reply_put(req_t *rq, const redisReply *r)
     if (r->type != REDIS_REPLY_ARRAY || r->elements < 1 || !is_str(r->element[0]))
         return -1;
     const char *tag = r->element[0]->str;
-    if (strcmp(tag, "full") == 0) {
-        res.status = STORE_PUT_FULL;
+    if (strcmp(tag, "full") == 0 || strcmp(tag, "cold") == 0) {
+        res.status = tag[0] == 'f' ? STORE_PUT_FULL : STORE_PUT_COLD;
         res.sid = "";
         rq->cb.put(rq->ud, 0, &res);
         return 0;
@@ -402,6 +412,133 @@ out:
     return rc;
 }
 
+static int reply_ack(req_t *rq, const redisReply *r)
+{
+    store_ack_result_t res = {0};
+    store_item_t *items;
+    size_t n;
+    if (r->type != REDIS_REPLY_ARRAY || r->elements < 3 ||
+        r->element[0]->type != REDIS_REPLY_INTEGER || !is_str(r->element[1]) ||
+        r->element[2]->type != REDIS_REPLY_ARRAY || pairs_of(r, 3, &items, &n) < 0)
+        return -1;
+    const redisReply *f = r->element[2];
+    const char **found = f->elements ? calloc(f->elements, sizeof *found) : NULL;
+    if (f->elements && !found) {
+        free(items);
+        return -1;
+    }
+    for (size_t i = 0; i < f->elements; i++) {
+        if (!is_str(f->element[i])) {
+            free(found);
+            free(items);
+            return -1;
+        }
+        found[i] = f->element[i]->str;
+    }
+    res.items = items;
+    res.n = n;
+    res.archived = r->element[0]->integer == 1;
+    res.known = r->element[1]->str;
+    res.found = found;
+    res.nfound = f->elements;
+    rq->cb.ack(rq->ud, 0, &res);
+    free(found);
+    free(items);
+    return 0;
+}
+
+/* Views an array of (sid, blob, acked, origin) quadruples; *out is freed by the caller. */
+static int old_msgs_of(const redisReply *m, store_old_msg_t **out, size_t *n)
+{
+    *out = NULL;
+    *n = 0;
+    if (m->type != REDIS_REPLY_ARRAY || m->elements % 4)
+        return -1;
+    if (!m->elements)
+        return 0;
+    store_old_msg_t *v = calloc(m->elements / 4, sizeof *v);
+    if (!v)
+        return -1;
+    for (size_t k = 0; k < m->elements / 4; k++) {
+        for (int f = 0; f < 4; f++)
+            if (!is_str(m->element[4 * k + f])) {
+                free(v);
+                return -1;
+            }
+        v[k] = (store_old_msg_t){m->element[4 * k]->str, m->element[4 * k + 1]->str,
+                                 m->element[4 * k + 1]->len, m->element[4 * k + 2]->str,
+                                 m->element[4 * k + 3]->str};
+    }
+    *out = v;
+    *n = m->elements / 4;
+    return 0;
+}
+
+static int reply_evict(req_t *rq, const redisReply *r)
+{
+    if (r->type != REDIS_REPLY_ARRAY || r->elements % 5)
+        return -1;
+    size_t n = r->elements / 5;
+    store_evictee_t *users = n ? calloc(n, sizeof *users) : NULL;
+    const char ***devs = n ? calloc(n, sizeof *devs) : NULL;
+    int rc = -1;
+    if (n && (!users || !devs))
+        goto out;
+    for (size_t i = 0; i < n; i++) {
+        redisReply **e = r->element + 5 * i;
+        if (!is_str(e[0]) || !is_str(e[1]) || e[2]->type != REDIS_REPLY_ARRAY ||
+            e[2]->elements % 2 || e[3]->type != REDIS_REPLY_INTEGER ||
+            old_msgs_of(e[4], &users[i].msgs, &users[i].n) < 0)
+            goto out;
+        if (e[2]->elements && !(devs[i] = calloc(e[2]->elements, sizeof *devs[i])))
+            goto out;
+        for (size_t k = 0; k < e[2]->elements; k++) {
+            if (!is_str(e[2]->element[k]))
+                goto out;
+            devs[i][k] = e[2]->element[k]->str;
+        }
+        users[i].state = (store_user_state_t){e[0]->str, strtoull(e[1]->str, NULL, 10), devs[i],
+                                              e[2]->elements / 2, true};
+        users[i].complete = e[3]->integer == 1;
+    }
+    rq->cb.evict(rq->ud, 0, users, n);
+    rc = 0;
+out:
+    for (size_t i = 0; i < n; i++) {
+        if (users)
+            free(users[i].msgs);
+        if (devs)
+            free(devs[i]);
+    }
+    free(users);
+    free(devs);
+    return rc;
+}
+
+static int reply_old(req_t *rq, const redisReply *r)
+{
+    if (r->type != REDIS_REPLY_ARRAY || r->elements % 2)
+        return -1;
+    size_t n = r->elements / 2;
+    store_old_t *users = n ? calloc(n, sizeof *users) : NULL;
+    int rc = -1;
+    if (n && !users)
+        return -1;
+    for (size_t i = 0; i < n; i++) {
+        const redisReply *u = r->element[2 * i];
+        if (!is_str(u) || old_msgs_of(r->element[2 * i + 1], &users[i].msgs, &users[i].n) < 0)
+            goto out;
+        users[i].user = u->str;
+    }
+    rq->cb.old(rq->ud, 0, users, n);
+    rc = 0;
+out:
+    for (size_t i = 0; i < n; i++)
+        free(users[i].msgs);
+    free(users);
+    return rc;
+}
+
 static int reply_dispatch(req_t *rq, const redisReply *r)
 {
     store_item_t *items;
@@ -414,6 +551,17 @@ static int reply_dispatch(req_t *rq, const redisReply *r)
             return -1;
         rq->cb.items(rq->ud, 0, items, n);
         free(items);
+        return 0;
+    case REQ_ACK:
+        return reply_ack(rq, r);
+    case REQ_OLD:
+        return reply_old(rq, r);
+    case REQ_EVICT:
+        return reply_evict(rq, r);
+    case REQ_FLAG:
+        if (r->type != REDIS_REPLY_INTEGER)
+            return -1;
+        rq->cb.flag(rq->ud, 0, r->integer == 1);
         return 0;
     case REQ_DONE:
         if (rq->cb.done)
@@ -431,27 +579,30 @@ static int reply_dispatch(req_t *rq, const redisReply *r)
         return reply_due(rq, r);
     case REQ_SUMMARY: {
         store_item_t ends[2] = {{0}};
-        if (r->type != REDIS_REPLY_ARRAY || r->elements < 4 ||
+        if (r->type != REDIS_REPLY_ARRAY || r->elements < 5 ||
             r->element[0]->type != REDIS_REPLY_INTEGER ||
             r->element[1]->type != REDIS_REPLY_INTEGER || !is_str(r->element[2]) ||
-            !is_str(r->element[3]) || pairs_of(r, 4, &items, &n) < 0)
+            !is_str(r->element[3]) || r->element[4]->type != REDIS_REPLY_INTEGER ||
+            pairs_of(r, 5, &items, &n) < 0)
             return -1;
         for (int i = 0; i < 2; i++) {
             ends[i].blob = r->element[2 + i]->str;
             ends[i].blob_len = r->element[2 + i]->len;
         }
         rq->cb.summary(rq->ud, 0, (uint64_t)r->element[0]->integer,
-                       (uint64_t)r->element[1]->integer, ends, items, n);
+                       (uint64_t)r->element[1]->integer, ends, items, n,
+                       r->element[4]->integer == 1);
         free(items);
         return 0;
     }
     case REQ_FETCH:
-        if (r->type != REDIS_REPLY_ARRAY || r->elements < 2 ||
+        if (r->type != REDIS_REPLY_ARRAY || r->elements < 3 ||
             r->element[0]->type != REDIS_REPLY_INTEGER || !is_str(r->element[1]) ||
-            pairs_of(r, 2, &items, &n) < 0)
+            r->element[2]->type != REDIS_REPLY_INTEGER || pairs_of(r, 3, &items, &n) < 0)
             return -1;
         rq->cb.fetch(rq->ud, 0, r->element[0]->integer == 1,
-                     r->element[1]->len ? r->element[1]->str : NULL, items, n);
+                     r->element[1]->len ? r->element[1]->str : NULL, items, n,
+                     r->element[2]->integer == 1);
         free(items);
         return 0;
     case REQ_STRING:
@@ -475,6 +626,19 @@ static void reply_fail(req_t *rq, int err)
     case REQ_ITEMS:
         rq->cb.items(rq->ud, err, NULL, 0);
         break;
+    case REQ_ACK:
+        rq->cb.ack(rq->ud, err, NULL);
+        break;
+    case REQ_OLD:
+        rq->cb.old(rq->ud, err, NULL, 0);
+        break;
+    case REQ_EVICT:
+        rq->cb.evict(rq->ud, err, NULL, 0);
+        break;
+    case REQ_FLAG:
+        if (rq->cb.flag)
+            rq->cb.flag(rq->ud, err, false);
+        break;
     case REQ_DONE:
         if (rq->cb.done)
             rq->cb.done(rq->ud, err);
@@ -486,10 +650,10 @@ static void reply_fail(req_t *rq, int err)
         rq->cb.due(rq->ud, err, NULL, 0);
         break;
     case REQ_SUMMARY:
-        rq->cb.summary(rq->ud, err, 0, 0, NULL, NULL, 0);
+        rq->cb.summary(rq->ud, err, 0, 0, NULL, NULL, 0, false);
         break;
     case REQ_FETCH:
-        rq->cb.fetch(rq->ud, err, false, NULL, NULL, 0);
+        rq->cb.fetch(rq->ud, err, false, NULL, NULL, 0, false);
         break;
     case REQ_STRING:
         rq->cb.string(rq->ud, err, NULL);
@@ -612,9 +776,11 @@ int store_put_message(store_t *st, const store_put_t *p, store_put_cb cb, void *
     if (!rq)
         return STORE_ENOMEM;
     rq->cb.put = cb;
-    cmd_evalsha(&c, st, STORE_SCRIPT_PUT, 2);
+    cmd_evalsha(&c, st, STORE_SCRIPT_PUT, 4);
     cmd_add(&c, prefix);
     cmd_add(&c, KEY_DUE);
+    cmd_add(&c, KEY_ARCH);
+    cmd_add(&c, KEY_ACT);
     cmd_add(&c, p->user);
     cmd_add(&c, p->sender);
     cmd_add(&c, p->orig_id ? p->orig_id : "");
@@ -630,39 +796,46 @@ int store_put_message(store_t *st, const store_put_t *p, store_put_cb cb, void *
     return send_argv(st, rq, c.argc, c.argv, c.lens);
 }
 
-int store_ack_sids(store_t *st, const store_device_t *who, const char *const *sids, size_t n,
-                   store_items_cb cb, void *ud)
+/* Sends the command in c followed by list[0..n); rq is consumed either way. */
+static int send_with_list(store_t *st, req_t *rq, const cmd_t *c, const char *const *list, size_t n)
 {
-    char prefix[PREFIX_MAX];
-    if (user_prefix(prefix, sizeof prefix, who->user) < 0)
-        return STORE_EREPLY;
-    enum { HEAD = 7 };
-    size_t argc = HEAD + n;
+    size_t argc = (size_t)c->argc + n;
     const char **argv = calloc(argc, sizeof *argv);
     size_t *lens = calloc(argc, sizeof *lens);
-    req_t *rq = req_new(REQ_ITEMS, ud);
     int rc = STORE_ENOMEM;
-    if (argv && lens && rq) {
-        cmd_t c;
-        cmd_evalsha(&c, st, STORE_SCRIPT_ACK, 1);
-        cmd_add(&c, prefix);
-        cmd_add(&c, who->device);
-        cmd_add_num(&c, who->now_ms);
-        cmd_add(&c, "sid");
-        memcpy(argv, c.argv, HEAD * sizeof *argv);
-        memcpy(lens, c.lens, HEAD * sizeof *lens);
+    if (argv && lens) {
+        memcpy(argv, c->argv, (size_t)c->argc * sizeof *argv);
+        memcpy(lens, c->lens, (size_t)c->argc * sizeof *lens);
         for (size_t i = 0; i < n; i++) {
-            argv[HEAD + i] = sids[i];
-            lens[HEAD + i] = strlen(sids[i]);
+            argv[c->argc + i] = list[i];
+            lens[c->argc + i] = strlen(list[i]);
         }
-        rq->cb.items = cb;
         rc = send_argv(st, rq, (int)argc, argv, lens);
-        rq = NULL;
+    } else {
+        free(rq);
     }
-    free(rq);
     free(argv);
     free(lens);
     return rc;
+}
+
+int store_ack_sids(store_t *st, const store_device_t *who, const char *const *sids, size_t n,
+                   store_ack_cb cb, void *ud)
+{
+    char prefix[PREFIX_MAX];
+    cmd_t c;
+    if (user_prefix(prefix, sizeof prefix, who->user) < 0)
+        return STORE_EREPLY;
+    req_t *rq = req_new(REQ_ACK, ud);
+    if (!rq)
+        return STORE_ENOMEM;
+    rq->cb.ack = cb;
+    cmd_evalsha(&c, st, STORE_SCRIPT_ACK, 1);
+    cmd_add(&c, prefix);
+    cmd_add(&c, who->device);
+    cmd_add_num(&c, who->now_ms);
+    cmd_add(&c, "sid");
+    return send_with_list(st, rq, &c, sids, n);
 }
 
 static int origin_key(char *buf, size_t len, const char *sender, const char *orig_id)
@@ -672,17 +845,17 @@ static int origin_key(char *buf, size_t len, const char *sender, const char *ori
 }
 
 int store_ack_origin(store_t *st, const store_device_t *who, const char *sender,
-                     const char *orig_id, store_items_cb cb, void *ud)
+                     const char *orig_id, store_ack_cb cb, void *ud)
 {
     char prefix[PREFIX_MAX], okey[OKEY_MAX];
     cmd_t c;
     if (user_prefix(prefix, sizeof prefix, who->user) < 0 ||
         origin_key(okey, sizeof okey, sender, orig_id) < 0)
         return STORE_EREPLY;
-    req_t *rq = req_new(REQ_ITEMS, ud);
+    req_t *rq = req_new(REQ_ACK, ud);
     if (!rq)
         return STORE_ENOMEM;
-    rq->cb.items = cb;
+    rq->cb.ack = cb;
     cmd_evalsha(&c, st, STORE_SCRIPT_ACK, 1);
     cmd_add(&c, prefix);
     cmd_add(&c, who->device);
@@ -812,6 +985,122 @@ int store_fetch(store_t *st, const store_device_t *who, uint64_t after_seq, unsi
     cmd_add_num(&c, (int64_t)max_bytes);
     cmd_add_num(&c, (int64_t)overhead);
     return send_argv(st, rq, c.argc, c.argv, c.lens);
+}
+
+int store_archive_take(store_t *st, int64_t cutoff_ms, int64_t now_ms, unsigned max_users,
+                       unsigned max_msgs, store_old_cb cb, void *ud)
+{
+    cmd_t c;
+    req_t *rq = req_new(REQ_OLD, ud);
+    if (!rq)
+        return STORE_ENOMEM;
+    rq->cb.old = cb;
+    cmd_evalsha(&c, st, STORE_SCRIPT_ARCHIVE_TAKE, 1);
+    cmd_add(&c, KEY_ARCH);
+    cmd_add_num(&c, cutoff_ms);
+    cmd_add_num(&c, now_ms);
+    cmd_add_num(&c, max_users);
+    cmd_add_num(&c, max_msgs);
+    return send_argv(st, rq, c.argc, c.argv, c.lens);
+}
+
+int store_archive_drop(store_t *st, const char *user, int64_t now_ms, const char *const *sids,
+                       size_t n, store_done_cb cb, void *ud)
+{
+    char prefix[PREFIX_MAX];
+    cmd_t c;
+    if (user_prefix(prefix, sizeof prefix, user) < 0)
+        return STORE_EREPLY;
+    req_t *rq = req_new(REQ_DONE, ud);
+    if (!rq)
+        return STORE_ENOMEM;
+    rq->cb.done = cb;
+    cmd_evalsha(&c, st, STORE_SCRIPT_ARCHIVE_DROP, 2);
+    cmd_add(&c, prefix);
+    cmd_add(&c, KEY_ARCH);
+    cmd_add(&c, user);
+    cmd_add_num(&c, now_ms);
+    return send_with_list(st, rq, &c, sids, n);
+}
+
+int store_activity(store_t *st, const char *user, int64_t now_ms, int64_t forget_ms,
+                   store_flag_cb cb, void *ud)
+{
+    char prefix[PREFIX_MAX];
+    cmd_t c;
+    if (user_prefix(prefix, sizeof prefix, user) < 0)
+        return STORE_EREPLY;
+    req_t *rq = req_new(REQ_FLAG, ud);
+    if (!rq)
+        return STORE_ENOMEM;
+    rq->cb.flag = cb;
+    cmd_evalsha(&c, st, STORE_SCRIPT_ACTIVITY, 2);
+    cmd_add(&c, prefix);
+    cmd_add(&c, KEY_ACT);
+    cmd_add(&c, user);
+    cmd_add_num(&c, now_ms);
+    cmd_add_num(&c, forget_ms);
+    return send_argv(st, rq, c.argc, c.argv, c.lens);
+}
+
+int store_restore(store_t *st, const store_user_state_t *s, int64_t now_ms, store_done_cb cb,
+                  void *ud)
+{
+    char prefix[PREFIX_MAX];
+    cmd_t c;
+    if (user_prefix(prefix, sizeof prefix, s->user) < 0)
+        return STORE_EREPLY;
+    req_t *rq = req_new(REQ_DONE, ud);
+    if (!rq)
+        return STORE_ENOMEM;
+    rq->cb.done = cb;
+    cmd_evalsha(&c, st, STORE_SCRIPT_RESTORE, 2);
+    cmd_add(&c, prefix);
+    cmd_add(&c, KEY_ACT);
+    cmd_add(&c, s->user);
+    cmd_add_num(&c, (int64_t)s->seq);
+    cmd_add_num(&c, now_ms);
+    cmd_add(&c, s->archived ? "1" : "0");
+    return send_with_list(st, rq, &c, s->devices, 2 * s->ndevices);
+}
+
+int store_evict_take(store_t *st, int64_t cutoff_ms, int64_t now_ms, unsigned max_users,
+                     unsigned max_msgs, store_evict_cb cb, void *ud)
+{
+    cmd_t c;
+    req_t *rq = req_new(REQ_EVICT, ud);
+    if (!rq)
+        return STORE_ENOMEM;
+    rq->cb.evict = cb;
+    cmd_evalsha(&c, st, STORE_SCRIPT_EVICT_TAKE, 1);
+    cmd_add(&c, KEY_ACT);
+    cmd_add_num(&c, cutoff_ms);
+    cmd_add_num(&c, now_ms);
+    cmd_add_num(&c, max_users);
+    cmd_add_num(&c, max_msgs);
+    return send_argv(st, rq, c.argc, c.argv, c.lens);
+}
+
+int store_evict_drop(store_t *st, const char *user, bool evict, const char *const *sids, size_t n,
+                     store_flag_cb cb, void *ud)
+{
+    char prefix[PREFIX_MAX];
+    cmd_t c;
+    if (user_prefix(prefix, sizeof prefix, user) < 0)
+        return STORE_EREPLY;
+    req_t *rq = req_new(REQ_FLAG, ud);
+    if (!rq)
+        return STORE_ENOMEM;
+    rq->cb.flag = cb;
+    cmd_evalsha(&c, st, STORE_SCRIPT_EVICT_DROP, 5);
+    cmd_add(&c, prefix);
+    cmd_add(&c, KEY_ACT);
+    cmd_add(&c, KEY_ARCH);
+    cmd_add(&c, KEY_DUE);
+    cmd_add(&c, KEY_ONLINE);
+    cmd_add(&c, user);
+    cmd_add(&c, evict ? "1" : "0");
+    return send_with_list(st, rq, &c, sids, n);
 }
 
 int store_config_get(store_t *st, const char *param, store_string_cb cb, void *ud)

@@ -56,6 +56,7 @@ typedef enum {
     STORE_PUT_OFFLINE, /* in the recipient's offline queue */
     STORE_PUT_DUP,     /* seen before within the dedupe window: sid is the first one's */
     STORE_PUT_FULL,    /* over the recipient's quota: nothing stored */
+    STORE_PUT_COLD,    /* the recipient has no state in Redis (new, or evicted): see store_restore */
 } store_put_status_t;
 
 typedef struct store_put {
@@ -89,14 +90,22 @@ typedef struct store_device {
     int64_t now_ms;
 } store_device_t;
 
-/* --- ack: by stanza ids, or by (sender, original id) for a <received/> ------------------------
- * The device no longer owes the messages; the result holds those acked for the first time by
- * any of the user's devices (the receipts to relay). */
 typedef void (*store_items_cb)(void *ud, int err, const store_item_t *items, size_t n);
+
+/* --- ack: by stanza ids, or by (sender, original id) for a <received/> ------------------------ */
+typedef struct store_ack_result {
+    const store_item_t *items; /* acked for the first time by any device: the receipts to relay */
+    size_t n;
+    bool archived;                 /* the user has messages in the archive: ack there too */
+    const char *known;             /* the user's known devices, newline-separated */
+    const char *const *found;      /* the sids that were in Redis */
+    size_t nfound;
+} store_ack_result_t;
+typedef void (*store_ack_cb)(void *ud, int err, const store_ack_result_t *res);
 int store_ack_sids(store_t *st, const store_device_t *who, const char *const *sids, size_t n,
-                   store_items_cb cb, void *ud);
+                   store_ack_cb cb, void *ud);
 int store_ack_origin(store_t *st, const store_device_t *who, const char *sender,
-                     const char *orig_id, store_items_cb cb, void *ud);
+                     const char *orig_id, store_ack_cb cb, void *ud);
 
 /* --- bounce: a push to resource of user bounced; it is gone, its pending deliveries queue ---- */
 typedef void (*store_done_cb)(void *ud, int err);
@@ -127,17 +136,75 @@ int store_claim_due(store_t *st, int64_t now_ms, int64_t retry_ms, unsigned max_
 
 /* --- reading the offline queue: the device's own and the shared one ------------------------ */
 /* ends[0] and ends[1] are the oldest and newest messages (sid NULL, blob_len 0 when the queue
- * is empty); items are the first max messages, oldest first. */
+ * is empty); items are the first max messages, oldest first. archived: the user also has
+ * messages in the SQLite archive (storage/archive.h), which the caller reads too. */
 typedef void (*store_summary_cb)(void *ud, int err, uint64_t count, uint64_t bytes,
-                                 const store_item_t ends[2], const store_item_t *items, size_t n);
+                                 const store_item_t ends[2], const store_item_t *items, size_t n,
+                                 bool archived);
 int store_summary(store_t *st, const store_device_t *who, unsigned max, store_summary_cb cb,
                   void *ud);
 /* cursor: where the next page starts (after='cursor'); NULL when the page examined nothing. It
  * can lie past the last item, when messages this device acked were skipped. */
 typedef void (*store_fetch_cb)(void *ud, int err, bool complete, const char *cursor,
-                               const store_item_t *items, size_t n);
+                               const store_item_t *items, size_t n, bool archived);
 int store_fetch(store_t *st, const store_device_t *who, uint64_t after_seq, unsigned max,
                 size_t max_bytes, size_t overhead, store_fetch_cb cb, void *ud);
+
+/* --- archiving: messages older than a cutoff leave Redis for the archive -------------------- */
+typedef struct store_old_msg {
+    const char *sid;
+    const char *blob;
+    size_t blob_len;
+    const char *acked;  /* devices that acknowledged it, newline-separated, "" for none */
+    const char *origin; /* "<sender bare> <original id>", "" for none */
+} store_old_msg_t;
+typedef struct store_old {
+    const char *user;
+    store_old_msg_t *msgs;
+    size_t n; /* 0: nothing to move yet; drop with no sids to re-index the user */
+} store_old_t;
+typedef void (*store_old_cb)(void *ud, int err, const store_old_t *users, size_t n);
+/* Reads (does not remove) up to max_msgs of the oldest messages stamped before cutoff_ms of up to
+ * max_users users, and marks those users as having an archive. */
+int store_archive_take(store_t *st, int64_t cutoff_ms, int64_t now_ms, unsigned max_users,
+                       unsigned max_msgs, store_old_cb cb, void *ud);
+/* Removes sids, now safely in the archive, and re-indexes the user for the next pass. */
+int store_archive_drop(store_t *st, const char *user, int64_t now_ms, const char *const *sids,
+                       size_t n, store_done_cb cb, void *ud);
+
+/* --- activity and eviction --------------------------------------------------------------------
+ * Users with no presence or IQ for a while have all their Redis state moved to the archive
+ * (component/archiver.c); the first presence or IQ brings it back. */
+typedef void (*store_flag_cb)(void *ud, int err, bool flag);
+/* Records activity of user (for eviction) and forgets devices not seen for forget_ms; flag: the
+ * user has no state in Redis (new or evicted), so the caller restores it before going on. */
+int store_activity(store_t *st, const char *user, int64_t now_ms, int64_t forget_ms,
+                   store_flag_cb cb, void *ud);
+/* A user's state as eviction keeps it. devices: flat (device, last seen ms) pairs. */
+typedef struct store_user_state {
+    const char *user;
+    uint64_t seq;
+    const char *const *devices;
+    size_t ndevices; /* pairs */
+    bool archived;   /* the user has messages in the archive */
+} store_user_state_t;
+/* Puts state back (seq only ever grows; devices are added), or creates it for a new user. */
+int store_restore(store_t *st, const store_user_state_t *s, int64_t now_ms, store_done_cb cb,
+                  void *ud);
+typedef struct store_evictee {
+    store_user_state_t state;
+    bool complete; /* msgs are all of the user's messages */
+    store_old_msg_t *msgs;
+    size_t n;
+} store_evictee_t;
+typedef void (*store_evict_cb)(void *ud, int err, const store_evictee_t *users, size_t n);
+/* Users inactive since cutoff_ms with nobody online, with up to max_msgs of their messages. */
+int store_evict_take(store_t *st, int64_t cutoff_ms, int64_t now_ms, unsigned max_users,
+                     unsigned max_msgs, store_evict_cb cb, void *ud);
+/* Deletes sids (now in the archive) and, with evict, the whole user when nothing is left and
+ * nobody came online meanwhile; flag: the user was evicted. */
+int store_evict_drop(store_t *st, const char *user, bool evict, const char *const *sids, size_t n,
+                     store_flag_cb cb, void *ud);
 
 /* --- raw: INFO persistence and friends, for the startup durability warning -------------------- */
 typedef void (*store_string_cb)(void *ud, int err, const char *str);

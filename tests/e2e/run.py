@@ -39,7 +39,8 @@ def run_one(name, binary=None, verbose=False, keep=False, server=None):
     print("=== e2e %s on %s: %s" % (name, server, sc.doc), flush=True)
     t_start = time.monotonic()
     reason = None
-    stack = harness.Stack(receiptd=binary, delivery=sc.delivery, keep=keep or None, server=server,
+    stack = harness.Stack(receiptd=binary, delivery=sc.delivery, extra=sc.extra, keep=keep or None,
+                          server=server,
                           receiptd_count=sc.receiptds)
     try:
         with stack:

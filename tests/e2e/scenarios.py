@@ -8,6 +8,10 @@ A scenario fails by raising AssertionError (use t.check / t.eq); every check pri
 import asyncio
 import datetime
 import math
+import os
+import signal
+import sqlite3
+import subprocess
 import time
 import xml.etree.ElementTree as ET
 
@@ -23,8 +27,9 @@ ALL_SERVERS = ("prosody", "ejabberd")
 
 
 class Scenario:
-    def __init__(self, name, func, delivery, doc, timeout, servers, receiptds):
+    def __init__(self, name, func, delivery, doc, timeout, servers, receiptds, extra=None):
         self.name = name
+        self.extra = extra or {}
         self.func = func
         self.delivery = delivery or {}
         self.doc = (doc or "").strip().splitlines()[0] if doc else ""
@@ -33,10 +38,11 @@ class Scenario:
         self.receiptds = receiptds
 
 
-def scenario(name, delivery=None, timeout=60, servers=ALL_SERVERS, receiptds=1):
-    """Register a scenario; `servers` it runs on, `receiptds` = receiptd processes to start."""
+def scenario(name, delivery=None, timeout=60, servers=ALL_SERVERS, receiptds=1, extra=None):
+    """Register a scenario; `servers` it runs on, `receiptds` = receiptd processes to start,
+    `extra` = more component.ini settings, {section: {key: value}}."""
     def deco(f):
-        SCENARIOS[name] = Scenario(name, f, delivery, f.__doc__, timeout, servers, receiptds)
+        SCENARIOS[name] = Scenario(name, f, delivery, f.__doc__, timeout, servers, receiptds, extra)
         return f
     return deco
 
@@ -1237,3 +1243,188 @@ async def server_restart(t):
     repushed = {m["id"] for m in bob.all_messages[before_restart:] if is_push(m)}
     t.check("pr-1" in queued or "pr-1" in repushed,
             "pr-1 (pushed before the restart, never acked) neither queued nor pushed again")
+
+
+# ---- the SQLite archive (tiny archive_after, so messages age within the test) ----------------------
+
+ARCHIVE_FAST = {"sqlite": {"archive_after": "1"}}
+
+
+def archive_path(t):
+    return os.path.join(t.stack.receiptd.workdir, "receiptd.sqlite3")
+
+
+def archived_sids(t, user):
+    with sqlite3.connect(archive_path(t), timeout=10) as db:
+        return [r[0] for r in db.execute("SELECT sid FROM messages WHERE user = ? ORDER BY seq",
+                                         (bare(user),))]
+
+
+def redis_sids(t, user):
+    """The user's stanza-ids in Redis (a flat RESP array of bulk strings)."""
+    raw = t.stack.redis.command("ZRANGE", "rd:{%s}:q" % bare(user), "0", "-1")
+    lines = raw.split("\r\n")
+    if not lines[0].startswith("*"):
+        raise AssertionError("unexpected Redis reply %r" % raw)
+    return lines[2:2 + 2 * int(lines[0][1:]):2]
+
+
+async def wait_archived(t, user, n, timeout=10):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        a = await t.sync(archived_sids, t, user)
+        r = await t.sync(redis_sids, t, user)
+        if len(a) == n and not r:
+            return a
+        await asyncio.sleep(0.2)
+    raise AssertionError("after %ss: %d archived, %d still in Redis (want %d archived, 0 in Redis)"
+                         % (timeout, len(a), len(r), n))
+
+
+@scenario("archive", extra=ARCHIVE_FAST)
+async def archive(t):
+    """Messages older than archive_after move to SQLite; summary, fetch and ack span both tiers."""
+    alice = await t.client("alice")
+    old = ["arc-%02d" % i for i in range(20)]
+    sids = [await send_stored(t, alice, "bob", mid) for mid in old]
+    archived = await wait_archived(t, "bob", 20)
+    t.eq(archived, sids, "archived stanza-ids, in arrival order")
+    t.say("20 messages archived to SQLite, none left in Redis")
+    new = ["arc-new-%d" % i for i in range(5)]
+    sids += [await send_stored(t, alice, "bob", mid) for mid in new]
+    bob = await t.client("bob", announce=False)
+    s = await bob.summary(ids=True)
+    t.eq(int(s.get("count")), 25, "summary count across SQLite and Redis")
+    t.eq([i.get("id") for i in s.findall(q(NS_RD, "item"))], sids, "summary ids across both tiers")
+    t.check(parse_stamp(s.get("oldest"), "oldest") <= parse_stamp(s.get("newest"), "newest"),
+            "oldest after newest: %s", xml_str(s))
+    items = await bob.fetch_all(page=7)
+    t.eq([sid for sid, _ in items], sids, "fetch across both tiers, oldest first, pages of 7")
+    t.eq([forwarded_message(f).get("id") for _, f in items], old + new, "message ids of the fetch")
+    # ack some archived and some hot ones: receipts come from both tiers, once each
+    acked = sids[:10] + sids[20:23]
+    await bob.ack(acked)
+    for mid in old[:10] + new[:3]:
+        await alice.wait_receipt(mid)
+    t.eq(await bob.count(), 12, "bob's count after acking 13 of 25")
+    await bob.ack(acked)
+    dup = await alice.collect(lambda m: find(m, NS_RECEIPTS, "received") is not None, 0.7)
+    t.check(not dup, "receipts relayed twice: %s", [xml_str(m) for m in dup])
+    left = await bob.fetch_all()
+    t.eq([sid for sid, _ in left], sids[10:20] + sids[23:], "what is left after the acks")
+    # the hot ones age too; the archive keeps the order
+    await wait_archived(t, "bob", 12)
+    t.eq([sid for sid, _ in await bob.fetch_all(page=5)], sids[10:20] + sids[23:],
+         "fetch after everything was archived")
+    # receiptd --stats reports both tiers
+    out = await t.sync(lambda: subprocess.run(t.stack.receiptd.argv() + ["--stats"],
+                                              capture_output=True, text=True, timeout=20))
+    t.say("--stats:\n%s", out.stdout.rstrip())
+    t.eq(out.returncode, 0, "--stats exit status (stderr %r)" % out.stderr)
+    rows = {l.split()[0]: l.split()[1:] for l in out.stdout.splitlines()[1:]}
+    t.eq(rows.get("sqlite", [None, None])[1], "12", "--stats: messages in SQLite")
+    t.check("redis" in rows, "--stats without a redis line: %s", out.stdout)
+
+
+@scenario("archive-kill9", extra=ARCHIVE_FAST, timeout=90)
+async def archive_kill9(t):
+    """kill -9 between archive insert and Redis delete, and before the insert: nothing lost or doubled."""
+    alice = await t.client("alice")
+    mids = ["ak-%03d" % i for i in range(60)]
+    sids = [await send_stored(t, alice, "bob", mid) for mid in mids[:30]]
+    # 1) hold SQLite's write lock: the archiver takes from Redis, then waits for the lock
+    db = sqlite3.connect(archive_path(t), timeout=10, isolation_level=None)
+    db.execute("BEGIN EXCLUSIVE")
+    await asyncio.sleep(2.0)
+    # 2) pause Redis writes, release the lock: the insert commits, the delete from Redis waits
+    #    in Redis, and is discarded when its client dies
+    await t.sync(t.stack.redis.command, "CLIENT", "PAUSE", "20000", "WRITE")
+    try:
+        db.execute("COMMIT")
+        db.close()
+        await asyncio.sleep(1.0)
+        both = await t.sync(archived_sids, t, "bob")
+        t.check(both and both == sids[:len(both)],
+                "the archiver's first batch (the oldest messages) is not in SQLite: %s", both)
+        await t.sync(t.stack.receiptd.kill9)
+        await asyncio.sleep(0.3)
+    finally:
+        await t.sync(t.stack.redis.command, "CLIENT", "UNPAUSE")
+    t.eq(await t.sync(redis_sids, t, "bob"), sids, "all still in Redis after the kill")
+    t.say("kill -9 with %d messages in both tiers", len(both))
+    # 3) a kill before the insert: messages taken but the archive locked
+    await t.sync(t.stack.receiptd.start)
+    await t.announce(alice)
+    sids += [await send_stored(t, alice, "bob", mid) for mid in mids[30:]]
+    db = sqlite3.connect(archive_path(t), timeout=10, isolation_level=None)
+    db.execute("BEGIN EXCLUSIVE")
+    await asyncio.sleep(2.0)
+    await t.sync(t.stack.receiptd.kill9)
+    db.execute("COMMIT")
+    db.close()
+    t.say("kill -9 while the archiver waited for SQLite")
+    # a bob that reads now sees each message once, although some are in both tiers
+    await t.sync(t.stack.receiptd.start)
+    bob = await t.client("bob", announce=False)
+    items = await bob.fetch_all(page=16)
+    t.eq([sid for sid, _ in items], sids, "fetch while messages are in both tiers or moving")
+    archived = await wait_archived(t, "bob", 60)
+    t.eq(archived, sids, "archive after restart: every message once, in order")
+    t.eq(await bob.count(), 60, "bob's count")
+    items = await bob.fetch_all(page=16)
+    t.eq([forwarded_message(f).get("id") for _, f in items], mids, "message ids, once each")
+
+
+def redis_keys(t, pattern):
+    raw = t.stack.redis.command("KEYS", pattern)
+    lines = raw.split("\r\n")
+    return lines[2:2 + 2 * int(lines[0][1:]):2]
+
+
+def evicted_users(t):
+    with sqlite3.connect(archive_path(t), timeout=10) as db:
+        return [r[0] for r in db.execute("SELECT user FROM evicted")]
+
+
+@scenario("evict", extra={"sqlite": {"archive_after": "1000", "evict_after": "2"}}, timeout=90)
+async def evict(t):
+    """An inactive user's Redis state moves to SQLite; messages meanwhile go there; login brings it back."""
+    alice = await t.client("alice")
+    bob = await t.client("bob", resource="phone", auto_receipts=True)
+    await send_stored(t, alice, "bob", "ev-0")
+    await alice.wait_receipt("ev-0")
+    await bob.stop()
+    sids = [await send_stored(t, alice, "bob", "ev-%d" % i) for i in (1, 2, 3)]
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        left = [k for k in await t.sync(redis_keys, t, "rd:{%s}:*" % bare("bob"))
+                if ":dd:" not in k]
+        if not left and bare("bob") in await t.sync(evicted_users, t):
+            break
+        await asyncio.sleep(0.3)
+    t.check(not left, "bob's state still in Redis: %s", left)
+    t.eq(await t.sync(archived_sids, t, "bob"), sids, "bob's messages in the archive")
+    t.say("bob evicted: no Redis keys left but dedupe marks, 3 messages in SQLite")
+    # a message while evicted goes straight to the archive: acknowledged, and Redis stays empty
+    sids.append(await send_stored(t, alice, "bob", "ev-4"))
+    left = [k for k in await t.sync(redis_keys, t, "rd:{%s}:*" % bare("bob")) if ":dd:" not in k]
+    t.check(not left, "a message for an evicted user recreated Redis state: %s", left)
+    t.eq(await t.sync(archived_sids, t, "bob"), sids, "archive after a message to the evicted bob")
+    # the same message again (a client retry): one copy
+    alice.send_msg(bare("bob"), mid="ev-4", request=True)
+    dup = await alice.wait_stored("ev-4")
+    t.eq(find(dup, NS_RD, "stored").get("stanza-id"), sids[-1], "stanza-id of the retried message")
+    t.eq(len(await t.sync(archived_sids, t, "bob")), 4, "archived messages after the retry")
+    # bob is back: his first IQ restores his state; numbering continues after the archived ones
+    bob2 = await t.client("bob", resource="phone", announce=False)
+    t.eq(await bob2.count(), 4, "bob's count after coming back")
+    t.check(bare("bob") not in await t.sync(evicted_users, t), "bob still listed as evicted")
+    sids.append(await send_stored(t, alice, "bob", "ev-5"))
+    t.check(sid_seq(sids[-1]) > sid_seq(sids[-2]), "new stanza-id %s does not follow %s",
+            sids[-1], sids[-2])
+    items = await bob2.fetch_all(page=2)
+    t.eq([s for s, _ in items], sids, "bob's fetch across the archive and Redis")
+    await bob2.ack(sids)
+    for i in range(1, 6):
+        await alice.wait_receipt("ev-%d" % i)
+    t.eq(await bob2.count(), 0, "bob's count after acking all")

@@ -61,7 +61,7 @@ static unsigned next(void)
     return (unsigned)(rng >> 33);
 }
 
-typedef enum { P_PUT, P_ITEMS, P_DONE, P_EPOCH, P_SUMMARY, P_FETCH } pending_kind_t;
+typedef enum { P_PUT, P_ITEMS, P_ACK, P_DONE, P_EPOCH, P_SUMMARY, P_FETCH, P_FLAG } pending_kind_t;
 typedef struct pending {
     pending_kind_t kind;
     void *cb, *ud;
@@ -113,28 +113,38 @@ static void run_pending(void)
         }
         switch (p.kind) {
         case P_PUT: {
-            store_put_result_t r = {(store_put_status_t)(next() % 4), next() % 3 ? "5-aa" : "",
+            store_put_result_t r = {(store_put_status_t)(next() % 5), next() % 3 ? "5-aa" : "",
                                     resources, next() % 4};
             ((store_put_cb)p.cb)(p.ud, err, err ? NULL : &r);
             break;
         }
         case P_ITEMS: ((store_items_cb)p.cb)(p.ud, err, err ? NULL : items, err ? 0 : n); break;
+        case P_ACK: {
+            /* archived stays false: the fuzzed daemon has no archive */
+            store_ack_result_t r = {items, n, false, "phone", sids, next() % 4};
+            ((store_ack_cb)p.cb)(p.ud, err, err ? NULL : &r);
+            break;
+        }
         case P_DONE:
             if (p.cb)
                 ((store_done_cb)p.cb)(p.ud, err);
             break;
         case P_EPOCH: ((store_epoch_cb)p.cb)(p.ud, err, err ? NULL : "7"); break;
+        case P_FLAG:
+            if (p.cb)
+                ((store_flag_cb)p.cb)(p.ud, err, next() % 2);
+            break;
         case P_SUMMARY: {
             store_item_t ends[2] = {items[0], items[n ? n - 1 : 0]};
             if (!n)
                 ends[0] = ends[1] = (store_item_t){NULL, "", 0};
             ((store_summary_cb)p.cb)(p.ud, err, n, 100 * n, err ? NULL : ends, err ? NULL : items,
-                                     err ? 0 : n);
+                                     err ? 0 : n, next() % 2);
             break;
         }
         case P_FETCH:
             ((store_fetch_cb)p.cb)(p.ud, err, next() % 2, n ? sids[next() % 4] : NULL,
-                                   err ? NULL : items, err ? 0 : n);
+                                   err ? NULL : items, err ? 0 : n, next() % 2);
             break;
         }
     }
@@ -144,11 +154,11 @@ bool store_is_connected(const store_t *st) { (void)st; return true; }
 int store_put_message(store_t *st, const store_put_t *req, store_put_cb cb, void *ud)
 { (void)st; (void)req; return enqueue(P_PUT, (void *)cb, ud); }
 int store_ack_sids(store_t *st, const store_device_t *who, const char *const *sids, size_t n,
-                   store_items_cb cb, void *ud)
-{ (void)st; (void)who; (void)sids; (void)n; return enqueue(P_ITEMS, (void *)cb, ud); }
+                   store_ack_cb cb, void *ud)
+{ (void)st; (void)who; (void)sids; (void)n; return enqueue(P_ACK, (void *)cb, ud); }
 int store_ack_origin(store_t *st, const store_device_t *who, const char *sender,
-                     const char *orig_id, store_items_cb cb, void *ud)
-{ (void)st; (void)who; (void)sender; (void)orig_id; return enqueue(P_ITEMS, (void *)cb, ud); }
+                     const char *orig_id, store_ack_cb cb, void *ud)
+{ (void)st; (void)who; (void)sender; (void)orig_id; return enqueue(P_ACK, (void *)cb, ud); }
 int store_bounce(store_t *st, const char *user, const char *resource, store_done_cb cb, void *ud)
 { (void)st; (void)user; (void)resource; return enqueue(P_DONE, (void *)cb, ud); }
 int store_presence(store_t *st, store_presence_op_t op, const char *user, const char *resource,
@@ -164,6 +174,29 @@ int store_fetch(store_t *st, const store_device_t *who, uint64_t after_seq, unsi
                 size_t max_bytes, size_t overhead, store_fetch_cb cb, void *ud)
 { (void)st; (void)who; (void)after_seq; (void)max; (void)max_bytes; (void)overhead;
   return enqueue(P_FETCH, (void *)cb, ud); }
+
+int store_activity(store_t *st, const char *user, int64_t now_ms, int64_t forget_ms,
+                   store_flag_cb cb, void *ud)
+{ (void)st; (void)user; (void)now_ms; (void)forget_ms; return enqueue(P_FLAG, (void *)cb, ud); }
+int store_restore(store_t *st, const store_user_state_t *s, int64_t now_ms, store_done_cb cb,
+                  void *ud)
+{ (void)st; (void)s; (void)now_ms; return enqueue(P_DONE, (void *)cb, ud); }
+
+/* The archive is never opened here (d.archive stays NULL), so these only satisfy the linker. */
+int archive_summary(archive_t *a, const store_device_t *who, unsigned max, store_summary_cb cb,
+                    void *ud)
+{ (void)a; (void)who; (void)max; (void)cb; (void)ud; return ARCHIVE_EDB; }
+int archive_fetch(archive_t *a, const store_device_t *who, uint64_t after_seq, unsigned max,
+                  size_t max_bytes, size_t overhead, store_fetch_cb cb, void *ud)
+{ (void)a; (void)who; (void)after_seq; (void)max; (void)max_bytes; (void)overhead; (void)cb;
+  (void)ud; return ARCHIVE_EDB; }
+int archive_ack(archive_t *a, const archive_ack_t *req, store_items_cb cb, void *ud)
+{ (void)a; (void)req; (void)cb; (void)ud; return ARCHIVE_EDB; }
+int archive_restore(archive_t *a, const char *user, archive_state_cb cb, void *ud)
+{ (void)a; (void)user; (void)cb; (void)ud; return ARCHIVE_EDB; }
+int archive_put_evicted(archive_t *a, const char *user, const archive_msg_t *msg,
+                        const char *suffix, archive_put_cb cb, void *ud)
+{ (void)a; (void)user; (void)msg; (void)suffix; (void)cb; (void)ud; return ARCHIVE_EDB; }
 
 /* ---- the target ---------------------------------------------------------------------------- */
 

@@ -4,6 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "archive.h"
 #include "blob.h"
 #include "check.h"
 #include "store.h"
@@ -47,6 +48,12 @@ static void on_put(void *ud, int err, const store_put_result_t *r)
     done = 1;
 }
 
+static void on_done_put(void *ud, int err)
+{
+    *(int *)ud = err;
+    done = 1;
+}
+
 static int put(const char *user, const char *sender, const char *id, bool track, uint64_t max_n,
                int64_t now)
 {
@@ -61,6 +68,17 @@ static int put(const char *user, const char *sender, const char *id, bool track,
     int rc = store_put_message(st, &req, on_put, NULL);
     if (rc == 0)
         run_until_done();
+    if (rc == 0 && put_err == 0 && put_res.status == STORE_PUT_COLD) {
+        /* A user's first message: its state is created (seq 0), then the put goes through. */
+        int err = -1;
+        store_user_state_t fresh = {user, 0, NULL, 0, false};
+        CHECK(store_restore(st, &fresh, now, on_done_put, &err) == 0);
+        run_until_done();
+        CHECK(err == 0);
+        rc = store_put_message(st, &req, on_put, NULL);
+        if (rc == 0)
+            run_until_done();
+    }
     proto_buf_free(&b);
     return rc;
 }
@@ -80,21 +98,35 @@ static void on_items(void *ud, int err, const store_item_t *items, size_t n)
 }
 
 static char fetch_cursor[64];
+static bool last_archived;
 static void on_fetch(void *ud, int err, bool complete, const char *cursor,
-                     const store_item_t *items, size_t n)
+                     const store_item_t *items, size_t n, bool archived)
 {
     fetch_complete = complete;
+    last_archived = archived;
     snprintf(fetch_cursor, sizeof fetch_cursor, "%s", cursor ? cursor : "");
     on_items(ud, err, items, n);
 }
 
 static void on_summary(void *ud, int err, uint64_t count, uint64_t bytes,
-                       const store_item_t ends[2], const store_item_t *items, size_t n)
+                       const store_item_t ends[2], const store_item_t *items, size_t n,
+                       bool archived)
 {
     sum_count = count;
+    last_archived = archived;
     sum_bytes = bytes;
     CHECK(err || count == 0 || (ends[0].blob_len > 0 && ends[1].blob_len > 0));
     on_items(ud, err, items, n);
+}
+
+static char ack_known[256];
+static void on_ack(void *ud, int err, const store_ack_result_t *res)
+{
+    if (!err) {
+        last_archived = res->archived;
+        snprintf(ack_known, sizeof ack_known, "%s", res->known);
+    }
+    on_items(ud, err, err ? NULL : res->items, err ? 0 : res->n);
 }
 
 static size_t due_users, due_items;
@@ -165,18 +197,18 @@ static void test_offline_queue(void)
 
     /* Another user's ack of bob's ids clears nothing. */
     const char *ack1[] = {sids[0]};
-    CHECK(store_ack_sids(st, &mallory, ack1, 1, on_items, NULL) == 0);
+    CHECK(store_ack_sids(st, &mallory, ack1, 1, on_ack, NULL) == 0);
     run_until_done();
     CHECK(items_n == 0);
-    CHECK(store_ack_sids(st, &bob_dev, ack1, 1, on_items, NULL) == 0);
+    CHECK(store_ack_sids(st, &bob_dev, ack1, 1, on_ack, NULL) == 0);
     run_until_done();
     CHECK(items_n == 1);
     /* Acks are idempotent. */
-    CHECK(store_ack_sids(st, &bob_dev, ack1, 1, on_items, NULL) == 0);
+    CHECK(store_ack_sids(st, &bob_dev, ack1, 1, on_ack, NULL) == 0);
     run_until_done();
     CHECK(items_n == 0);
     /* A <received/> finds the message by sender and original id. */
-    CHECK(store_ack_origin(st, &bob_dev, "alice@t1", "m1", on_items, NULL) == 0);
+    CHECK(store_ack_origin(st, &bob_dev, "alice@t1", "m1", on_ack, NULL) == 0);
     run_until_done();
     CHECK(items_n == 1);
     CHECK_STR(items_sid[0], sids[1]);
@@ -264,7 +296,7 @@ static void test_live_and_due(void)
 static int ack_ids(const store_device_t *who, const char *sid)
 {
     const char *ids[] = {sid};
-    CHECK(store_ack_sids(st, who, ids, 1, on_items, NULL) == 0);
+    CHECK(store_ack_sids(st, who, ids, 1, on_ack, NULL) == 0);
     run_until_done();
     return (int)items_n;
 }
@@ -322,7 +354,7 @@ static void test_per_device(void)
     run_until_done();
     CHECK(due_users == 1 && due_items == 1);
     /* b acks by <received/>: no second receipt, no more pushes. */
-    CHECK(store_ack_origin(st, &b, alice, "pd1", on_items, NULL) == 0);
+    CHECK(store_ack_origin(st, &b, alice, "pd1", on_ack, NULL) == 0);
     run_until_done();
     CHECK(items_n == 0);
     CHECK(store_claim_due(st, 50500, 100, 10, on_due, NULL) == 0);
@@ -365,6 +397,254 @@ static void test_per_device(void)
     CHECK_STR(items_sid[0], q[2]);
     CHECK_STR(fetch_cursor, q[2]);
     CHECK(summary_count(&a) == 2 && summary_count(&b) == 4);
+}
+
+/* ---- the archive ---- */
+static store_old_t old_users[4];
+static store_old_msg_t old_msgs[16];
+static char old_store[16][3][128], old_user[4][64];
+static size_t old_n;
+static void on_old(void *ud, int err, const store_old_t *users, size_t n)
+{
+    (void)ud;
+    old_n = err ? (size_t)-1 : n;
+    size_t k = 0;
+    for (size_t i = 0; i < n && i < 4; i++) {
+        old_users[i] = users[i];
+        snprintf(old_user[i], sizeof old_user[i], "%s", users[i].user);
+        old_users[i].user = old_user[i];
+        old_users[i].msgs = &old_msgs[k];
+        for (size_t j = 0; j < users[i].n && k < 16; j++, k++) {
+            const store_old_msg_t *m = &users[i].msgs[j];
+            snprintf(old_store[k][0], 128, "%s", m->sid);
+            memcpy(old_store[k][1], m->blob, m->blob_len < 127 ? m->blob_len : 127);
+            snprintf(old_store[k][2], 128, "%s", m->acked);
+            old_msgs[k] = (store_old_msg_t){old_store[k][0], old_store[k][1], m->blob_len,
+                                            old_store[k][2], ""};
+        }
+    }
+    done = 1;
+}
+
+static archive_put_status_t put_evicted_status;
+static char put_evicted_sid[64];
+static void on_put_evicted(void *ud, int err, archive_put_status_t status, const char *sid)
+{
+    (void)ud;
+    put_evicted_status = err ? (archive_put_status_t)-1 : status;
+    snprintf(put_evicted_sid, sizeof put_evicted_sid, "%s", sid ? sid : "");
+    done = 1;
+}
+
+static void on_count(void *ud, int err, uint64_t n)
+{
+    *(uint64_t *)ud = err ? (uint64_t)-1 : n;
+    done = 1;
+}
+
+static void on_archived(void *ud, int err)
+{
+    *(int *)ud = err;
+    done = 1;
+}
+
+/* Old messages move to SQLite (take -> put -> drop) and stay readable and acknowledgeable per
+ * device there; a repeated move duplicates nothing; the schema survives a reopen. */
+static void test_archive(void)
+{
+    const char *eve = "eve@t1", *alice = "alice@t1";
+    const store_device_t e1 = {eve, "e1", 1}, e2 = {eve, "e2", 1};
+    char dir[] = "/tmp/receiptd-test-archive-XXXXXX", path[128], err[256];
+    CHECK(mkdtemp(dir) != NULL);
+    snprintf(path, sizeof path, "%s/a.sqlite3", dir);
+    archive_t *a;
+    CHECK(archive_open(&loop, path, &a, err, sizeof err) == 0);
+    char sids[3][64];
+    for (int i = 0; i < 3; i++) {
+        char id[8];
+        snprintf(id, sizeof id, "ar%d", i);
+        CHECK(put(eve, alice, id, true, 100, 1000 + i) == 0);
+        snprintf(sids[i], sizeof sids[i], "%s", put_sid);
+    }
+    /* e1 and e2 are known devices (an ack of anything makes one); e2 acked the first one. */
+    CHECK(ack_ids(&e1, "0-none") == 0);
+    CHECK(ack_ids(&e2, sids[0]) == 1);
+    /* Cutoff 1001.5: only the first two are old enough. */
+    CHECK(store_archive_take(st, 1002, 5000, 10, 100, on_old, NULL) == 0);
+    run_until_done();
+    size_t mine = (size_t)-1;
+    for (size_t i = 0; i < old_n; i++)
+        if (strcmp(old_users[i].user, eve) == 0)
+            mine = i;
+    CHECK(mine != (size_t)-1 && old_users[mine].n == 2);
+    CHECK_STR(old_users[mine].msgs[1].sid, sids[1]);
+    CHECK_STR(old_users[mine].msgs[0].acked, "e2");
+    archive_msg_t msgs[2];
+    const char *drop[2];
+    for (int i = 0; i < 2; i++) {
+        const store_old_msg_t *o = &old_users[mine].msgs[i];
+        msgs[i] = (archive_msg_t){o->sid, 1000 + i, o->blob, o->blob_len, o->acked, NULL};
+        drop[i] = o->sid;
+    }
+    int rc = -1;
+    /* Twice, as after a crash between insert and drop: still one copy. */
+    for (int k = 0; k < 2; k++) {
+        CHECK(archive_put(a, eve, msgs, 2, on_archived, &rc) == 0);
+        run_until_done();
+        CHECK(rc == 0);
+    }
+    CHECK(store_archive_drop(st, eve, 5000, drop, 2, on_archived, &rc) == 0);
+    run_until_done();
+    CHECK(rc == 0);
+    /* Redis now holds only the third, and says the user has an archive. */
+    CHECK(summary_count(&e1) == 1 && last_archived);
+    CHECK(store_summary(st, &e1, 10, on_summary, NULL) == 0);
+    run_until_done();
+    CHECK(items_n == 1);
+    CHECK_STR(items_sid[0], sids[2]);
+    /* The archive: e1 sees both, e2 only the one it did not ack. */
+    CHECK(archive_summary(a, &e1, 10, on_summary, NULL) == 0);
+    run_until_done();
+    CHECK(sum_count == 2 && items_n == 2);
+    CHECK_STR(items_sid[0], sids[0]);
+    CHECK(archive_summary(a, &e2, 10, on_summary, NULL) == 0);
+    run_until_done();
+    CHECK(sum_count == 1);
+    CHECK(archive_fetch(a, &e1, 0, 1, 1 << 20, 0, on_fetch, NULL) == 0);
+    run_until_done();
+    CHECK(items_n == 1 && !fetch_complete);
+    CHECK_STR(fetch_cursor, sids[0]);
+    CHECK(archive_fetch(a, &e1, strtoull(sids[0], NULL, 10), 10, 1 << 20, 0, on_fetch, NULL) == 0);
+    run_until_done();
+    CHECK(items_n == 1 && fetch_complete);
+    CHECK_STR(items_sid[0], sids[1]);
+    /* e1 acks both: the receipt comes only for the one nobody acked yet; with e1 and e2 the
+     * known devices, the first is then acked by all and deleted. */
+    const char *both[] = {sids[0], sids[1]};
+    const bool ok[] = {true, true};
+    archive_ack_t req = {.who = &e1, .sids = both, .receipt_ok = ok, .n = 2, .known = "e1\ne2"};
+    CHECK(archive_ack(a, &req, on_items, NULL) == 0);
+    run_until_done();
+    CHECK(items_n == 1);
+    CHECK_STR(items_sid[0], sids[1]);
+    CHECK(archive_summary(a, &e2, 10, on_summary, NULL) == 0);
+    run_until_done();
+    CHECK(sum_count == 1 && items_n == 1);
+    CHECK_STR(items_sid[0], sids[1]);
+    archive_close(a);
+    uv_run(&loop, UV_RUN_NOWAIT);
+    /* Reopen: the schema is current, the data is there, and retention deletes by age. */
+    CHECK(archive_open(&loop, path, &a, err, sizeof err) == 0);
+    uint64_t expired = 0;
+    CHECK(archive_expire(a, 1001, on_count, &expired) == 0);
+    run_until_done();
+    CHECK(expired == 0);
+    CHECK(archive_expire(a, 1002, on_count, &expired) == 0);
+    run_until_done();
+    CHECK(expired == 1);
+    archive_close(a);
+    uv_run(&loop, UV_RUN_NOWAIT);
+}
+
+static bool flag_value;
+static void on_flag(void *ud, int err, bool flag)
+{
+    (void)ud;
+    flag_value = !err && flag;
+    done = 1;
+}
+
+static store_user_state_t restored;
+static char restored_user[64];
+static void on_state_read(void *ud, int err, const store_user_state_t *state)
+{
+    (void)ud;
+    CHECK(err == 0);
+    if (!err) {
+        restored = *state;
+        snprintf(restored_user, sizeof restored_user, "%s", state->user);
+        restored.user = restored_user;
+        restored.devices = NULL; /* pointers die with the callback */
+    }
+    done = 1;
+}
+
+static size_t evict_n, evict_msgs;
+static bool evict_complete;
+static uint64_t evict_seq;
+static void on_evict(void *ud, int err, const store_evictee_t *users, size_t n)
+{
+    (void)ud;
+    evict_n = 0;
+    for (size_t i = 0; !err && i < n; i++)
+        if (strcmp(users[i].state.user, "fay@t1") == 0) {
+            evict_n++;
+            evict_msgs = users[i].n;
+            evict_complete = users[i].complete;
+            evict_seq = users[i].state.seq;
+        }
+    done = 1;
+}
+
+/* An inactive user's whole state moves to the archive; its first activity brings the state
+ * back, and new messages continue its numbering. */
+static void test_evict(void)
+{
+    const char *fay = "fay@t1", *alice = "alice@t1";
+    char dir[] = "/tmp/receiptd-test-evict-XXXXXX", path[128], err[256];
+    CHECK(mkdtemp(dir) != NULL);
+    snprintf(path, sizeof path, "%s/a.sqlite3", dir);
+    archive_t *a;
+    CHECK(archive_open(&loop, path, &a, err, sizeof err) == 0);
+    char s1[64], s2[64];
+    CHECK(put(fay, alice, "ev1", true, 100, 2000) == 0 && put_res.status == STORE_PUT_OFFLINE);
+    snprintf(s1, sizeof s1, "%s", put_sid);
+    CHECK(put(fay, alice, "ev2", true, 100, 2001) == 0);
+    snprintf(s2, sizeof s2, "%s", put_sid);
+    const char *fay_sids[] = {s1, s2};
+    /* Active since 2000: not evicted with a cutoff before that. */
+    CHECK(store_evict_take(st, 1999, 9000, 100, 100, on_evict, NULL) == 0);
+    run_until_done();
+    CHECK(evict_n == 0);
+    CHECK(store_evict_take(st, 5000, 9000, 100, 100, on_evict, NULL) == 0);
+    run_until_done();
+    CHECK(evict_n == 1 && evict_msgs == 2 && evict_complete && evict_seq == 2);
+    store_user_state_t state = {fay, evict_seq, NULL, 0, true};
+    int rc = -1;
+    archive_msg_t msgs[2] = {{s1, 2000, "1 2000 0 0 0 0\n", 15, "", NULL},
+                             {s2, 2001, "1 2001 0 0 0 0\n", 15, "", NULL}};
+    CHECK(archive_evict(a, &state, msgs, 2, true, on_archived, &rc) == 0);
+    run_until_done();
+    CHECK(rc == 0);
+    CHECK(store_evict_drop(st, fay, true, fay_sids, 2, on_flag, NULL) == 0);
+    run_until_done();
+    CHECK(flag_value); /* gone from Redis: a put now says cold */
+    CHECK(store_activity(st, fay, 9500, 1000000, on_flag, NULL) == 0);
+    run_until_done();
+    CHECK(flag_value);
+    /* While evicted, a message goes straight to the archive, with the next seq. */
+    archive_msg_t m = {NULL, 9600, "1 9600 0 0 0 0\n", 15, "", "alice@t1 ev3"};
+    CHECK(archive_put_evicted(a, fay, &m, "cc", on_put_evicted, NULL) == 0);
+    run_until_done();
+    CHECK(put_evicted_status == ARCHIVE_PUT_STORED);
+    CHECK_STR(put_evicted_sid, "3-cc");
+    CHECK(archive_put_evicted(a, fay, &m, "dd", on_put_evicted, NULL) == 0);
+    run_until_done();
+    CHECK(put_evicted_status == ARCHIVE_PUT_DUP);
+    CHECK_STR(put_evicted_sid, "3-cc");
+    /* Back: the archive hands the state over (once), Redis continues at seq 4. */
+    CHECK(archive_restore(a, fay, on_state_read, NULL) == 0);
+    run_until_done();
+    CHECK(restored.seq == 3 && restored.archived);
+    CHECK(store_restore(st, &restored, 9700, on_done, &rc) == 0);
+    run_until_done();
+    CHECK(archive_put_evicted(a, fay, &m, "ee", on_put_evicted, NULL) == 0);
+    run_until_done();
+    CHECK(put_evicted_status == ARCHIVE_PUT_NOT_EVICTED);
+    CHECK(put(fay, alice, "ev4", true, 100, 9800) == 0 && put_res.status == STORE_PUT_OFFLINE);
+    CHECK(strncmp(put_sid, "4-", 2) == 0);
+    archive_close(a);
+    uv_run(&loop, UV_RUN_NOWAIT);
 }
 
 static void on_guard(uv_timer_t *t)
@@ -476,6 +756,8 @@ int main(void)
         test_offline_queue();
         test_live_and_due();
         test_per_device();
+        test_archive();
+        test_evict();
         test_socket_and_auth();
         test_paused_redis_times_out();
     }
