@@ -12,6 +12,10 @@
 
 #define BACKOFF_MIN_MS 100
 #define BACKOFF_MAX_MS 5000
+/* A server that refuses us with <conflict/> (Prosody: another connection holds our domain) is a
+ * hot standby's normal state: retry at least every 2 s so that it takes over within about 2 s of
+ * the holder's death, while an unreachable server is retried at the 5 s cap. */
+#define BACKOFF_STANDBY_MAX_MS 2000
 #define READ_CHUNK 65536
 
 typedef enum { ST_IDLE, ST_CONNECTING, ST_OPENING, ST_UP, ST_CLOSED } state_t;
@@ -41,6 +45,8 @@ struct link {
     size_t queued;
     unsigned open_handles;
     log_throttle_t fail_log;
+    bool conflict;      /* the current attempt ended in a stream error <conflict/> */
+    bool last_conflict; /* ... and so did the previous failed one (what the log last said) */
     char read_buf[READ_CHUNK];
 };
 
@@ -79,6 +85,8 @@ static void on_retry(uv_timer_t *t);
 static void link_drop(link_t *l, const char *why)
 {
     bool was_up = l->state == ST_UP;
+    bool conflict = l->conflict;
+    l->conflict = false;
     if (l->conn && !l->conn->closing) {
         l->conn->closing = true;
         uv_close((uv_handle_t *)&l->conn->tcp, on_conn_closed);
@@ -90,13 +98,28 @@ static void link_drop(link_t *l, const char *why)
     if (was_up) {
         log_warn("link: lost connection to %s:%d: %s", l->cfg.host, l->cfg.port, why);
         log_throttle_reset(&l->fail_log);
-    } else if (log_throttle_pass(&l->fail_log, now_ms(l))) {
-        log_warn("link: cannot attach to %s:%d: %s (retrying with backoff; logged once a minute)",
-                 l->cfg.host, l->cfg.port, why);
+    } else {
+        if (conflict != l->last_conflict) /* the kind of failure changed: say so right away */
+            log_throttle_reset(&l->fail_log);
+        l->last_conflict = conflict;
+        if (log_throttle_pass(&l->fail_log, now_ms(l))) {
+            if (conflict)
+                log_warn("link: %s:%d refused %s: another component holds the link (stream error "
+                         "<conflict/>); standing by, retrying at least every %d s (logged once a "
+                         "minute)",
+                         l->cfg.host, l->cfg.port, l->cfg.jid, BACKOFF_STANDBY_MAX_MS / 1000);
+            else
+                log_warn("link: cannot attach to %s:%d: %s (retrying with backoff; logged once "
+                         "a minute)",
+                         l->cfg.host, l->cfg.port, why);
+        }
     }
     l->state = ST_IDLE;
+    unsigned cap = conflict ? BACKOFF_STANDBY_MAX_MS : BACKOFF_MAX_MS;
+    if (l->backoff_ms > cap)
+        l->backoff_ms = cap;
     unsigned delay = l->backoff_ms / 2 + (unsigned)rand() % (l->backoff_ms / 2 + 1);
-    l->backoff_ms = l->backoff_ms * 2 > BACKOFF_MAX_MS ? BACKOFF_MAX_MS : l->backoff_ms * 2;
+    l->backoff_ms = l->backoff_ms * 2 > cap ? cap : l->backoff_ms * 2;
     uv_timer_start(&l->retry_timer, on_retry, delay, 0);
     if (was_up && l->cb.on_down)
         l->cb.on_down(l->ud);
@@ -201,6 +224,8 @@ static void on_stream_stanza(void *ud, xmpp_stanza_t *s, bool oversize)
         char why[128];
         snprintf(why, sizeof why, "stream error <%s/>",
                  c && xmpp_stanza_get_name(c) ? xmpp_stanza_get_name(c) : "?");
+        l->conflict =
+            c && xmpp_stanza_get_name(c) && strcmp(xmpp_stanza_get_name(c), "conflict") == 0;
         defer_drop(l, why);
         return;
     }
@@ -208,6 +233,7 @@ static void on_stream_stanza(void *ud, xmpp_stanza_t *s, bool oversize)
         if (name && strcmp(name, "handshake") == 0) {
             l->state = ST_UP;
             l->backoff_ms = BACKOFF_MIN_MS;
+            l->last_conflict = false;
             log_throttle_reset(&l->fail_log);
             log_info("link: authenticated as %s to %s:%d", l->cfg.jid, l->cfg.host, l->cfg.port);
             if (l->cb.on_up)
@@ -250,8 +276,7 @@ static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf)
     log_debug("link: in %.*s", n > 1500 ? 1500 : (int)n, buf->base);
     if (stream_parser_feed(l->parser, buf->base, (size_t)n) < 0) {
         char why[200];
-        snprintf(why, sizeof why, "malformed XML from server: %s",
-                 stream_parser_error(l->parser));
+        snprintf(why, sizeof why, "malformed XML from server: %s", stream_parser_error(l->parser));
         defer_drop(l, why);
     }
     if (l->drop_pending && l->conn == c) {

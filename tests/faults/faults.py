@@ -16,6 +16,10 @@ Invariant checked after each run:
   * receiptd logged 'store: connected' / 'link: authenticated' again after every fault;
   * while Redis was unreachable or paused, receiptd's VmRSS stayed under RSS_LIMIT_KB and senders
     got wait errors (internal-server-error).
+The `standby` test runs a second receiptd with the same component.ini (hot standby) and kills the
+attached one: on Prosody the standby, refused with <conflict/> until then, must take over within
+TAKEOVER_LIMIT_S; on both servers the survivor resends every delivery pending at the kill and
+Redis ends empty (nothing pending, queued or scheduled is left behind).
 """
 
 import asyncio
@@ -245,6 +249,8 @@ class Recipient:
         self._task = None
         self.stray = []
         self.announce_waits = 0   # pings to C answered with an error before an announce
+        self.withhold = False     # while set: no <received/> (as if lost with a dying component)
+        self.withheld = set()     # stanza-ids whose <received/> was withheld
 
     def record(self, how, sid, sender, mid):
         self.deliveries.append((how, sid, sender, mid, now()))
@@ -259,6 +265,9 @@ class Recipient:
         how = "flood" if el.find("{urn:xmpp:delay}delay") is not None else "live"
         self.record(how, sidel.get("id"), sender, el.get("id"))
         if el.find(q(NS_RECEIPTS, "request")) is not None:
+            if self.withhold:
+                self.withheld.add(sidel.get("id"))
+                return
             try:
                 self.client.send("<message to=%s><received xmlns='%s' id=%s/></message>"
                                  % (attr(el.get("from")), NS_RECEIPTS, attr(el.get("id"))))
@@ -388,6 +397,7 @@ class FaultStack:
         self.keep = keep
         self.tmp = None
         self.redis = self.prosody = self.receiptd = None
+        self.others = []          # further receiptd instances a test started (standby); logs + cleanup
         self.redis_stopped = False
 
     def __enter__(self):
@@ -422,8 +432,19 @@ class FaultStack:
             os.kill(self.redis.popen.pid, signal.SIGCONT)
         self.redis_stopped = False
 
+    def add_receiptd(self, name):
+        """A second receiptd with the same component.ini (not started); cleaned up with the stack."""
+        rd = harness.Receiptd(self.tmp, self.binary, self.prosody, self.redis, DELIVERY, self.extra,
+                              name=name, ini=self.receiptd.ini)
+        self.others.append(rd)
+        return rd
+
+    def all_receiptds(self):
+        out = [self.receiptd] + self.others
+        return [p for i, p in enumerate(out) if p is not None and p not in out[:i]]
+
     def dump_logs(self, out=sys.stderr):
-        for p in (self.receiptd, self.prosody, self.redis):
+        for p in self.all_receiptds() + [self.prosody, self.redis]:
             if p is None:
                 continue
             for path in p.logs:
@@ -437,7 +458,7 @@ class FaultStack:
             self.sigcont_redis()
         except Exception:
             pass
-        for p in (self.receiptd, self.prosody, self.redis):
+        for p in self.all_receiptds() + [self.prosody, self.redis]:
             if p is not None:
                 try:
                     p.cleanup()
@@ -483,6 +504,8 @@ class Ctx:
         self.failures = []
         self.faults_done = 0
         self.last_fault_at = None   # when the last fault was over (process back)
+        self.post_checks = []       # async fn(ctx) run after the final check, clients still connected
+        self.extra_counts = {}      # name -> text, printed on a line of its own by run.py
 
     def say(self, fmt, *args):
         log(self.t0, fmt, *args)
@@ -814,6 +837,247 @@ async def t_fetch_drop(ctx):
     ctx.say("r1 fetched+acked %d items between drops", fetched_ok)
 
 
+# ---------------------------------------------------------------- hot standby
+
+TAKEOVER_LIMIT_S = 5.0
+STANDBY_LINE = "another component holds the link"
+
+
+def log_lines(rd, needle):
+    """(wall-clock epoch seconds, line) of every line of rd's current log containing needle."""
+    import calendar
+    out = []
+    try:
+        text = open(rd.log, "rb").read().decode("utf-8", "replace")
+    except (OSError, TypeError):
+        return out
+    for line in text.splitlines():
+        if needle in line:
+            m = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)\.(\d{3})Z ", line)
+            if m:
+                t = calendar.timegm(time.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S")) + int(m.group(2)) / 1000.0
+                out.append((t, line))
+    return out
+
+
+def attached(rd):
+    """True if rd's log says its link is up: its last 'link: authenticated' came after its last
+    'link: lost connection' (a standby that was only refused has no 'authenticated' at all)."""
+    ups = log_lines(rd, "link: authenticated")
+    downs = log_lines(rd, "link: lost connection")
+    return rd.alive() and bool(ups) and (not downs or ups[-1][0] >= downs[-1][0])
+
+
+def redis_pipeline(port, cmds):
+    """Send several Redis commands on one connection; returns their parsed replies (lists for
+    arrays, int, str, None). Errors raise HarnessError."""
+    import socket
+    payload = b""
+    for args in cmds:
+        payload += b"*%d\r\n" % len(args)
+        for a in args:
+            a = str(a).encode()
+            payload += b"$%d\r\n%s\r\n" % (len(a), a)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(payload)
+        f = sock.makefile("rb")
+
+        def reply():
+            line = f.readline().rstrip(b"\r\n")
+            kind, rest = line[:1], line[1:].decode()
+            if kind == b"+":
+                return rest
+            if kind == b"-":
+                raise harness.HarnessError("redis: %s" % rest)
+            if kind == b":":
+                return int(rest)
+            if kind == b"$":
+                n = int(rest)
+                return None if n < 0 else f.read(n + 2)[:-2].decode("utf-8", "replace")
+            if kind == b"*":
+                n = int(rest)
+                return None if n < 0 else [reply() for _ in range(n)]
+            raise harness.HarnessError("redis: unexpected reply %r" % line)
+        return [reply() for _ in cmds]
+
+
+def redis_state_sync(port):
+    """The delivery state Redis holds for the recipients: pending sids, offline count, blobs, due."""
+    cmds = []
+    for r in RECIPIENTS:
+        p = "rd:{%s@%s}" % (r, DOMAIN)
+        cmds += [("ZRANGE", p + ":p", 0, -1), ("ZCARD", p + ":q"), ("HLEN", p + ":m")]
+    cmds.append(("ZCARD", "rd:due"))
+    res = redis_pipeline(port, cmds)
+    st = {"pending": {}, "q": 0, "m": 0, "due": res[-1]}
+    for i, r in enumerate(RECIPIENTS):
+        st["pending"][r] = res[3 * i]
+        st["q"] += res[3 * i + 1]
+        st["m"] += res[3 * i + 2]
+    return st
+
+
+async def redis_state(ctx):
+    return await ctx.sync(redis_state_sync, ctx.stack.redis.port)
+
+
+@fault_test("standby", "hot standby: a second receiptd with the same component.ini; kill -9 of the "
+            "attached one mid-run; on Prosody the standby (refused until then) must take over within "
+            "%g s and resend what was pending; on ejabberd (both attached) the other carries on"
+            % TAKEOVER_LIMIT_S)
+async def t_standby(ctx):
+    st = ctx.stack
+    server = harness.server_name()
+    a = st.receiptd
+    b = st.add_receiptd("receiptd-standby")
+    t_b = now()
+    if server == "prosody":
+        # Prosody refuses the second connection (stream error <conflict/>): b keeps retrying
+        await ctx.sync(b._spawn)
+        await ctx.sync(b.wait_log, STANDBY_LINE, 1, 15)
+        await ctx.sync(b.wait_log, "store: connected", 1, 15)
+        ctx.say("standby refused by the server and retrying: %s", log_lines(b, STANDBY_LINE)[0][1])
+    else:
+        # ejabberd accepts both and splits the traffic between them
+        await ctx.sync(b.start)
+        ctx.say("second receiptd attached too")
+    both = [a, b]
+    up = [rd for rd in both if attached(rd)]
+    if server == "prosody":
+        if len(up) != 1:
+            raise AssertionError("expected exactly one attached receiptd on Prosody, logs say %s"
+                                 % [rd.name for rd in up])
+    else:
+        if len(up) != 2:
+            raise AssertionError("expected both receiptd attached on ejabberd, logs say %s"
+                                 % [rd.name for rd in up])
+        random.shuffle(up)
+    victim = up[0]
+    survivor = b if victim is a else a
+    # let the standby settle into its steady retry rhythm (backoff at its cap) under load
+    await ctx.wait_progress(0.4)
+    while now() - t_b < 5.0:
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(random.random() * 0.5)
+    # r1 stops answering pushes for a moment before the kill, so that deliveries are surely pending
+    # in Redis when the instance dies (the <received/> of the last ones would die with it anyway)
+    r1 = ctx.recipients["r1"]
+    r1.withhold = True
+    await asyncio.sleep(0.6)
+    ctx.say("fault: kill -9 the attached receiptd %s (pid %d, load %.0f%%)", victim.name,
+            victim.popen.pid, 100 * ctx.load_progress())
+    t_kill_wall, t_kill = time.time(), now()
+    await ctx.sync(victim.kill9)
+    r1.withhold = False
+    # from here on the survivor is "the" receiptd of the stack (RSS, final SIGTERM, alive check)
+    st.receiptd = survivor
+    pending_at_kill = await redis_state(ctx)
+    n_pending = sum(len(v) for v in pending_at_kill["pending"].values())
+    ctx.say("Redis after the kill: %d pending deliveries, %d offline", n_pending, pending_at_kill["q"])
+    info = {}
+    if server == "prosody":
+        end = now() + 15
+        while not log_lines(survivor, "link: authenticated"):
+            if not survivor.alive():
+                raise AssertionError("the standby exited (code %s)" % survivor.popen.poll())
+            if now() > end:
+                raise AssertionError("the standby did not take over within 15 s of the kill")
+            await asyncio.sleep(0.02)
+        t_auth_wall = log_lines(survivor, "link: authenticated")[0][0]
+        takeover = t_auth_wall - t_kill_wall
+        t_auth = t_kill + takeover
+        ctx.say("standby took over: 'link: authenticated' %.3f s after the kill", takeover)
+        ctx.check(takeover <= TAKEOVER_LIMIT_S, "takeover took %.3f s (limit %g s)", takeover,
+                  TAKEOVER_LIMIT_S)
+        # a quiet standby: while refused, one line (then once a minute) and nothing else above INFO
+        refused = log_lines(survivor, STANDBY_LINE)
+        ctx.check(len(refused) == 1, "the standby logged %d '%s' lines in %.0f s (want 1: once a minute)",
+                  len(refused), STANDBY_LINE, t_auth_wall - refused[0][0] if refused else 0)
+        noisy = [ln for t, ln in log_lines(survivor, " WARN ") + log_lines(survivor, " ERROR ")
+                 if t < t_auth_wall and STANDBY_LINE not in ln]
+        ctx.check(not noisy, "the standby logged warnings/errors while standing by: %s", noisy[:5])
+        info["takeover"] = takeover
+        t_ref = t_auth
+    else:
+        ctx.check(len(log_lines(survivor, "link: authenticated")) == 1
+                  and not log_lines(survivor, "link: lost connection"),
+                  "the surviving receiptd on ejabberd lost or re-made its link")
+    # the survivor carries the load: <stored/> acks flow again (on ejabberd, not counting the
+    # dead one's last acks that were still on their way at the kill)
+    def stored_between(t1, t2):
+        return [m.stored_at for s in ctx.senders for m in s.msgs.values()
+                if m.stored_at is not None and t1 < m.stored_at <= t2]
+    if server == "prosody":
+        end = now() + 10
+        while not stored_between(t_ref, now()) and now() < end and not all(s.done() for s in ctx.senders):
+            await asyncio.sleep(0.02)
+        after = stored_between(t_ref, now())
+        ctx.check(bool(after), "no <stored/> within 10 s of the takeover")
+        if after:
+            info["first_stored"] = min(after) - t_kill
+            ctx.say("first <stored/> after the takeover: %.3f s after the kill", info["first_stored"])
+    else:
+        while now() < t_kill + 2.5:
+            await asyncio.sleep(0.05)
+        info["carried"] = len(stored_between(t_kill + 0.5, t_kill + 2.5))
+        ctx.check(info["carried"] > 0 or all(s.done() for s in ctx.senders),
+                  "no <stored/> from the survivor 0.5-2.5 s after the kill")
+        ctx.say("%d <stored/> 0.5-2.5 s after the kill (the survivor carries on)", info["carried"])
+    ctx.faults_done += 1
+    ctx.last_fault_at = now()
+
+    async def after_load(ctx):
+        # everything that was pending when the active instance died was handled by the survivor
+        pend = {(r, sid) for r, sids in pending_at_kill["pending"].items() for sid in sids}
+        withheld = {("r1", sid) for sid in r1.withheld} & pend
+        ctx.check(withheld, "no delivery whose <received/> r1 withheld was pending at the kill")
+        if server == "prosody":
+            # nothing can be acked between the kill and the takeover (no component attached), so
+            # each delivery pending at the kill must reach its recipient again from the standby
+            # (retransmitted live, or moved to the offline queue and fetched)
+            # (a push of the dead one that the server delivered only after the kill counts too:
+            # its <received/> bounced unless it reached the standby after the takeover)
+            again = {(r.user, d[1]) for r in ctx.recipients.values() for d in r.deliveries
+                     if d[4] >= t_kill}
+            missing = sorted(pend - again)
+            ctx.check(not missing, "%d deliveries pending at the kill were never resent by the standby: %s",
+                      len(missing), missing[:10])
+        else:
+            # both were attached: the survivor may have had acks of its own pushes in flight at
+            # the kill, so only the withheld ones must come again (nobody ever acked them)
+            again = {(r.user, d[1]) for r in ctx.recipients.values() for d in r.deliveries
+                     if d[4] >= t_kill}
+            missing = sorted(withheld - again)
+            ctx.check(not missing, "%d deliveries pending (unacked) at the kill were never resent by "
+                      "the survivor: %s", len(missing), missing[:10])
+        info["redelivered"] = len(pend & again)
+        # and Redis ends clean: nothing pending, queued, stored or scheduled is left behind
+        end = now() + 15
+        while True:
+            for r in ctx.recipients.values():
+                try:
+                    await r.drain_queue()
+                except (Disconnected, asyncio.TimeoutError, IqFailed) as e:
+                    ctx.say("drain %s: %s", r.user, e)
+            rs = await redis_state(ctx)
+            clean = not any(rs["pending"].values()) and rs["q"] == 0 and rs["m"] == 0 and rs["due"] == 0
+            if clean or now() > end:
+                break
+            await asyncio.sleep(0.5)
+        ctx.check(clean, "delivery state left in Redis after the run: pending %s, offline %d, blobs %d, "
+                  "due %d", {k: len(v) for k, v in rs["pending"].items()}, rs["q"], rs["m"], rs["due"])
+        ctx.extra_counts["STANDBY"] = (
+            "server=%s killed=%s survivor=%s takeover=%s first-stored-after-takeover=%s "
+            "pending-at-kill=%d redelivered-by-survivor=%d" % (
+                server, victim.name, survivor.name,
+                "%.3fs" % info["takeover"] if "takeover" in info else "n/a(both-attached)",
+                "%.3fs" % info["first_stored"] if "first_stored" in info else
+                "n/a(%d-stored-0.5..2.5s-after-kill)" % info["carried"] if "carried" in info else "none",
+                n_pending, info["redelivered"]))
+
+    ctx.post_checks.append(after_load)
+
+
 async def run_test(name, stack, sabotage=False, seed=None):
     spec = TESTS[name]
     rnd_seed = seed if seed is not None else int(time.time() * 1000) % 100000
@@ -848,6 +1112,8 @@ async def run_test(name, stack, sabotage=False, seed=None):
         await asyncio.gather(*load)
         ctx.say("load done; settling")
         counts = await ctx.settle_and_check()
+        for fn in ctx.post_checks:
+            await fn(ctx)
     finally:
         ctx.stopping = True
         ctx.rss_stop = True

@@ -12,6 +12,10 @@ It prints one line of counts:
 
     COUNTS NAME sent=.. stored-acked=.. delivered=.. lost=0 duplicates=0 raw-duplicate-deliveries=..
 
+and the standby test a second one, with the measured takeover time:
+
+    STANDBY standby server=prosody killed=.. survivor=.. takeover=0.9s first-stored-after-takeover=..
+
 --sabotage deletes one stored, not yet delivered message from Redis mid-run: the test must FAIL
 (a self-test of the checker). Exit status 0 = pass, 1 = fail (followed by the process logs).
 The receiptd binary comes from --receiptd, else $RECEIPTD, else build/component/receiptd.
@@ -83,6 +87,8 @@ def run_one(name, binary, keep=False, seed=None, sabotage=False, debug=False):
                   counts["duplicates"], counts["raw_dups"], counts["transmissions"],
                   "/".join("%s:%d" % kv for kv in sorted(counts["hows"].items())), counts["faults"],
                   counts["errors"], counts["reconnects"], counts["announce_waits"], counts["max_rss_kb"], took), flush=True)
+    for key, text in sorted(getattr(ctx, "extra_counts", {}).items()):
+        print("%s %s %s" % (key, name, text), flush=True)
     if reason is None:
         print("PASS %s (%.1fs)" % (name, took), flush=True)
         return 0
