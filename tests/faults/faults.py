@@ -911,7 +911,8 @@ def redis_state_sync(port):
     res = redis_pipeline(port, cmds)
     st = {"pending": {}, "q": 0, "m": 0, "due": res[-1]}
     for i, r in enumerate(RECIPIENTS):
-        st["pending"][r] = res[3 * i]
+        # members of P:p are "<stanza-id> <resource>" (one pending delivery per device)
+        st["pending"][r] = [m.split(" ", 1)[0] for m in res[3 * i]]
         st["q"] += res[3 * i + 1]
         st["m"] += res[3 * i + 2]
     return st
