@@ -13,13 +13,24 @@
 #include "daemon.h"
 #include "log.h"
 
-#define PASS_USERS 64
+#define PASS_USERS 16 /* per index shard */
 #define PASS_MESSAGES 1000
+/* A user taken by a pass is leased for a while: another instance sharing Redis leaves it alone,
+ * and if this one dies mid-move the next pass (of either) takes it again after that. Two
+ * instances moving the same user at once (a lease that ran out during a slow pass) only repeat
+ * idempotent work: insert-or-ignore, then deleting what is already gone. */
+static int64_t lease_ms(const daemon_t *d)
+{
+    int64_t tick = (int64_t)uv_timer_get_repeat(&d->archive_timer);
+    int64_t lease = 2 * tick;
+    return lease < 1000 ? 1000 : lease > 60000 ? 60000 : lease;
+}
 
 typedef struct pass {
     daemon_t *d;
-    unsigned pending; /* users still being moved */
+    unsigned pending; /* users still being moved, plus one while the take runs */
     uint64_t moved;
+    int64_t lease;
 } pass_t;
 
 typedef struct user_move {
@@ -69,7 +80,7 @@ static void on_dropped(void *ud, int err)
 static void drop(user_move_t *m)
 {
     daemon_t *d = m->pass->d;
-    if (!d->store || store_archive_drop(d->store, m->user, daemon_now_ms(),
+    if (!d->store || store_archive_drop(d->store, m->user, daemon_now_ms(), m->pass->lease,
                                         (const char *const *)m->sids, m->n, on_dropped, m) < 0)
         on_dropped(m, STORE_EDOWN);
 }
@@ -141,8 +152,9 @@ static void pass_end(pass_t *p)
 
 typedef struct evict_pass {
     daemon_t *d;
-    unsigned pending;
+    unsigned pending; /* users still being evicted, plus one while the take runs */
     uint64_t evicted;
+    int64_t lease;
 } evict_pass_t;
 
 typedef struct evictee {
@@ -203,8 +215,9 @@ static void on_evict_written(void *ud, int err)
         evictee_done(e);
         return;
     }
-    if (!d->store || store_evict_drop(d->store, e->user, e->complete, (const char *const *)e->sids,
-                                      e->n, on_evict_dropped, e) < 0)
+    if (!d->store || store_evict_drop(d->store, e->user, e->complete, daemon_now_ms(),
+                                      e->pass->lease, (const char *const *)e->sids, e->n,
+                                      on_evict_dropped, e) < 0)
         on_evict_dropped(e, STORE_EDOWN, false);
 }
 
@@ -241,13 +254,12 @@ oom:
     free(b);
 }
 
-static void on_evict_taken(void *ud, int err, const store_evictee_t *users, size_t n)
+static void on_evict_taken(void *ud, int err, const store_evictee_t *user, bool last)
 {
     evict_pass_t *p = ud;
-    p->pending = 1;
-    for (size_t i = 0; !err && i < n; i++)
-        evict_user(p, &users[i]);
-    if (--p->pending == 0)
+    if (!err && user)
+        evict_user(p, user);
+    if (last && --p->pending == 0)
         evict_end(p);
 }
 
@@ -255,28 +267,25 @@ static void evict_pass(daemon_t *d)
 {
     evict_pass_t *p = calloc(1, sizeof *p);
     int64_t now = daemon_now_ms();
-    if (p)
+    if (p) {
         p->d = d;
+        p->pending = 1;
+        p->lease = now + lease_ms(d);
+    }
     if (!p || !d->archive || !d->store ||
-        store_evict_take(d->store, now - d->cfg.evict_after_ms, now, PASS_USERS, PASS_MESSAGES,
-                         on_evict_taken, p) < 0) {
+        store_evict_take(d->store, now - d->cfg.evict_after_ms, now, p->lease, PASS_USERS,
+                         PASS_MESSAGES, on_evict_taken, p) < 0) {
         free(p);
         d->archive_inflight = false;
     }
 }
 
-static void on_taken(void *ud, int err, const store_old_t *users, size_t n)
+static void on_taken(void *ud, int err, const store_old_t *user, bool last)
 {
     pass_t *p = ud;
-    if (err) {
-        p->pending = 0;
-        pass_end(p);
-        return;
-    }
-    p->pending = 1; /* held until every user was started, so pass_end runs once */
-    for (size_t i = 0; i < n; i++)
-        move_user(p, &users[i]);
-    if (--p->pending == 0)
+    if (!err && user)
+        move_user(p, user);
+    if (last && --p->pending == 0)
         pass_end(p);
 }
 
@@ -288,9 +297,11 @@ static void on_tick(uv_timer_t *t)
     pass_t *p = calloc(1, sizeof *p);
     if (!p)
         return;
-    p->d = d;
     int64_t now = daemon_now_ms();
-    if (store_archive_take(d->store, now - d->cfg.archive_after_ms, now, PASS_USERS,
+    p->d = d;
+    p->pending = 1;
+    p->lease = now + lease_ms(d);
+    if (store_archive_take(d->store, now - d->cfg.archive_after_ms, now, p->lease, PASS_USERS,
                            PASS_MESSAGES, on_taken, p) < 0) {
         free(p);
         return;

@@ -41,7 +41,10 @@ typedef struct daemon {
     char epoch[24];
     uint64_t link_generation, epoch_generation;
     bool epoch_pending;
+    bool epoch_check_inflight;
+    uint64_t epoch_checked_at;
     uint64_t ping_counter;
+    uint64_t stale_pinged; /* resources pinged after the last attach */
     stats_t stats;
     log_throttle_t store_log;
 } daemon_t;
@@ -80,6 +83,9 @@ void relay_push(daemon_t *d, const char *user, const char *const *resources, siz
                 const char *sid, const char *blob, size_t blob_len);
 void presence_handle(daemon_t *d, xmpp_stanza_t *pres, const route_t *r);
 void presence_on_epoch(daemon_t *d);
+/* Adopts a newer link epoch of another instance sharing the Redis ("N" or "N-..."), and pings
+ * what is registered under older ones. */
+void presence_follow_epoch(daemon_t *d, const char *epoch);
 void presence_handle_ping_reply(daemon_t *d, xmpp_stanza_t *iq, const route_t *r);
 void query_handle_iq(daemon_t *d, xmpp_stanza_t *iq, const route_t *r);
 void retry_start(daemon_t *d);

@@ -52,6 +52,8 @@ static void on_epoch(void *ud, int err, const char *epoch)
         return;
     }
     snprintf(d->epoch, sizeof d->epoch, "%s", epoch);
+    if (d->store)
+        store_set_epoch(d->store, d->epoch);
     log_info("receiptd: link epoch %s; ready", d->epoch);
     presence_on_epoch(d);
 }
@@ -68,18 +70,25 @@ static void maybe_start_epoch(daemon_t *d)
     }
 }
 
+/* "0" matches no registry entry: until this link's epoch is known nobody counts as online. */
+static void epoch_reset(daemon_t *d)
+{
+    snprintf(d->epoch, sizeof d->epoch, "0");
+    if (d->store)
+        store_set_epoch(d->store, d->epoch);
+}
+
 static void on_link_up(void *ud)
 {
     daemon_t *d = ud;
     d->link_generation++;
-    snprintf(d->epoch, sizeof d->epoch, "0");
+    epoch_reset(d);
     maybe_start_epoch(d);
 }
 
 static void on_link_down(void *ud)
 {
-    daemon_t *d = ud;
-    snprintf(d->epoch, sizeof d->epoch, "0");
+    epoch_reset(ud);
 }
 
 static void on_link_stanza(void *ud, xmpp_stanza_t *s, bool oversize)

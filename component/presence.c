@@ -14,7 +14,6 @@
 #include "tiers.h"
 
 #define PING_PREFIX "rdping-"
-#define STALE_MAX 10000
 
 static void send_presence(daemon_t *d, const char *to, const char *type)
 {
@@ -61,46 +60,70 @@ void presence_handle(daemon_t *d, xmpp_stanza_t *pres, const route_t *r)
     }
 }
 
-static void on_stale(void *ud, int err, const store_item_t *items, size_t n)
+static void ping(daemon_t *d, const char *user, const char *res)
 {
-    daemon_t *d = ud;
-    if (err) {
-        log_warn("presence: could not list resources to verify after attaching");
+    char to[PROTO_JID_MAX * 2], id[48];
+    snprintf(to, sizeof to, "%s/%s", user, res);
+    /* The id carries our epoch: another instance that gets the answer (ejabberd splits traffic)
+     * verifies with it, and learns of our attach at once. */
+    snprintf(id, sizeof id, PING_PREFIX "%s-%" PRIu64, d->epoch, ++d->ping_counter);
+    xmpp_stanza_t *iq = xmpp_iq_new(d->ctx, "get", id);
+    xmpp_stanza_t *p = xmpp_stanza_new(d->ctx);
+    if (!iq || !p) {
+        if (iq)
+            xmpp_stanza_release(iq);
+        if (p)
+            xmpp_stanza_release(p);
         return;
     }
-    if (n)
-        log_info("presence: verifying %zu resource(s) recorded before this link", n);
-    const char *last_user = "";
-    for (size_t i = 0; i < n; i++) {
-        const char *user = items[i].sid, *res = items[i].blob;
-        char to[PROTO_JID_MAX * 2], id[48];
-        snprintf(to, sizeof to, "%s/%s", user, res);
-        snprintf(id, sizeof id, PING_PREFIX "%" PRIu64, ++d->ping_counter);
-        xmpp_stanza_t *iq = xmpp_iq_new(d->ctx, "get", id);
-        xmpp_stanza_t *ping = xmpp_stanza_new(d->ctx);
-        if (!iq || !ping) {
-            if (iq)
-                xmpp_stanza_release(iq);
-            if (ping)
-                xmpp_stanza_release(ping);
-            return;
-        }
-        xmpp_stanza_set_name(ping, "ping");
-        xmpp_stanza_set_ns(ping, NS_PING);
-        xmpp_stanza_add_child_ex(iq, ping, 0);
-        xmpp_stanza_set_from(iq, d->cfg.jid);
-        xmpp_stanza_set_to(iq, to);
-        daemon_send(d, iq);
-        /* Subscribed users answer a probe with their presence, which re-registers them. */
-        if (strcmp(user, last_user) != 0)
-            send_presence(d, user, "probe");
-        last_user = user;
+    xmpp_stanza_set_name(p, "ping");
+    xmpp_stanza_set_ns(p, NS_PING);
+    xmpp_stanza_add_child_ex(iq, p, 0);
+    xmpp_stanza_set_from(iq, d->cfg.jid);
+    xmpp_stanza_set_to(iq, to);
+    daemon_send(d, iq);
+}
+
+static void on_stale(void *ud, int err, const char *user, const char *const *resources, size_t n,
+                     bool last)
+{
+    daemon_t *d = ud;
+    if (last) {
+        if (err)
+            log_warn("presence: could not list all resources to verify after attaching");
+        if (d->stale_pinged)
+            log_info("presence: verifying %" PRIu64 " resource(s) recorded before this link",
+                     d->stale_pinged);
+        return;
     }
+    for (size_t i = 0; i < n; i++)
+        ping(d, user, resources[i]);
+    d->stale_pinged += n;
+    /* Subscribed users answer a probe with their presence, which re-registers them. */
+    send_presence(d, user, "probe");
+}
+
+void presence_follow_epoch(daemon_t *d, const char *epoch)
+{
+    /* Only once this link has an epoch of its own, and only forward. */
+    if (!d->store || strcmp(d->epoch, "0") == 0 ||
+        strtoull(epoch, NULL, 10) <= strtoull(d->epoch, NULL, 10))
+        return;
+    size_t n = strcspn(epoch, "-");
+    if (n == 0 || n >= sizeof d->epoch)
+        return;
+    memcpy(d->epoch, epoch, n);
+    d->epoch[n] = '\0';
+    store_set_epoch(d->store, d->epoch);
+    log_info("presence: another instance attached (link epoch %s); following it", d->epoch);
+    /* What we recorded under our old epoch in the meantime is unverified now: ping it too. */
+    presence_on_epoch(d);
 }
 
 void presence_on_epoch(daemon_t *d)
 {
-    if (d->store && store_presence_stale(d->store, STALE_MAX, on_stale, d) < 0)
+    d->stale_pinged = 0;
+    if (d->store && store_presence_stale(d->store, on_stale, d) < 0)
         log_warn("presence: storage unavailable; resources from before the link stay offline");
 }
 
@@ -116,5 +139,6 @@ void presence_handle_ping_reply(daemon_t *d, xmpp_stanza_t *iq, const route_t *r
      * for a resource that is gone). */
     bool alive = type && strcmp(type, "result") == 0;
     log_debug("presence: %s %s our ping", r->from, alive ? "answered" : "did not answer");
+    presence_follow_epoch(d, id + strlen(PING_PREFIX));
     registry_update(d, alive ? STORE_PRESENCE_VERIFY : STORE_PRESENCE_DEL, r);
 }

@@ -12,8 +12,15 @@
 /* Shared by the scripts that need them. The epoch is read here, not passed in, so that every
  * receiptd instance sharing this Redis agrees on it: any instance's re-attach makes all earlier
  * presence unverified for all of them. */
+/* Every script gets the caller's link epoch as ARGV[1] (storage/store.c adds it) and sees the rest
+ * of its arguments as ARGV[1..]: no script reads a key it was not given, which Redis Cluster
+ * requires. */
+#define LUA_PROLOGUE                                                                               \
+    "local EPOCH = ARGV[1]\n"                                                                      \
+    "local ARGV = {select(2, unpack(ARGV))}\n"
+
 #define LUA_HELPERS                                                                                \
-    "local function epoch() return redis.call('GET', 'rd:epoch') or '0' end\n"                     \
+    "local function epoch() return EPOCH end\n"                                                    \
     "local function online(P)\n"                                                                   \
     "  local res, rs, epoch = {}, redis.call('HGETALL', P .. ':r'), epoch()\n"                     \
     "  for i = 1, #rs, 2 do if rs[i + 1] == epoch then res[#res + 1] = rs[i] end end\n"            \
@@ -88,11 +95,12 @@
     "  if redis.call('HEXISTS', P .. ':dev', dev) == 1 then redis.call('HSET', P .. ':dev', dev, now) end\n" \
     "end\n"
 
-/* KEYS: P, rd:due, rd:arch, rd:act. ARGV: user, sender, orig id ('' = none), suffix, blob, track (1 = receipt
+/* KEYS: P. ARGV: user, sender, orig id ('' = none), suffix, blob, track (1 = receipt
  * requested: dedupe and keep pending), now, retry_ms, window_ms, dedupe_s, max_n, max_b.
  * Returns {'dup', S} | {'full'} | {'live', S or '', resource...} | {'offline', S} | {'cold'}:
  * the user has no state here (new, or evicted to the archive); the caller restores it first. */
 static const char put_lua[] =
+    LUA_PROLOGUE
     LUA_HELPERS
     "local P, user, sender, oid, blob = KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[5]\n"
     "local track, now = ARGV[6] == '1', tonumber(ARGV[7])\n"
@@ -114,8 +122,6 @@ static const char put_lua[] =
     "redis.call('HSET', P .. ':m', sid, blob)\n"
     "redis.call('ZADD', P .. ':q', seq, sid)\n"
     "redis.call('INCRBY', P .. ':qb', #blob)\n"
-    "redis.call('ZADD', KEYS[3], 'NX', now, user)\n"
-    "redis.call('ZADD', KEYS[4], 'NX', now, user)\n"
     "if okey then\n"
     "  redis.call('SET', P .. ':dd:' .. okey, sid, 'EX', ARGV[10])\n"
     "  redis.call('HSET', P .. ':o', okey, sid)\n"
@@ -125,8 +131,6 @@ static const char put_lua[] =
     "local due = now + tonumber(ARGV[8])\n"
     "for _, r in ipairs(res) do redis.call('ZADD', P .. ':p', due, sid .. ' ' .. r) end\n"
     "redis.call('HSET', P .. ':pw', sid, now + tonumber(ARGV[9]))\n"
-    "local cur = redis.call('ZSCORE', KEYS[2], user)\n"
-    "if not cur or tonumber(cur) > due then redis.call('ZADD', KEYS[2], due, user) end\n"
     "return {'live', sid, unpack(res)}\n";
 
 /* KEYS: P. ARGV: device, now, 'sid', S... | 'orig', "sender origid". The device has the
@@ -135,6 +139,7 @@ static const char put_lua[] =
  * separated), {S found here...}, S, blob, ...}, the pairs being the messages acked for the first
  * time by any device: the receipts to relay, once per message. */
 static const char ack_lua[] =
+    LUA_PROLOGUE
     LUA_HELPERS
     "local P, dev, found = KEYS[1], ARGV[1], {}\n"
     "local out = {redis.call('EXISTS', P .. ':ar'), '', found}\n"
@@ -166,93 +171,84 @@ static const char ack_lua[] =
     "out[2] = table.concat(known, '\\n')\n"
     "return out\n";
 
-/* KEYS: P, rd:online. ARGV: user, resource. A push to the resource bounced: it is gone, and
- * its pending deliveries end (what it has not acked stays in the queue if it is a known device). */
+/* KEYS: P. ARGV: user, resource. A push to the resource bounced: it is gone, and its pending
+ * deliveries end (what it has not acked stays in the queue if it is a known device). Returns how
+ * many resources are still registered (0: the caller takes the user off the online index). */
 static const char bounce_lua[] =
+    LUA_PROLOGUE
     LUA_HELPERS
     "local P = KEYS[1]\n"
     "redis.call('HDEL', P .. ':r', ARGV[2])\n"
-    "if redis.call('HLEN', P .. ':r') == 0 then redis.call('SREM', KEYS[2], ARGV[1]) end\n"
     "device_offline(P, ARGV[2])\n"
-    "return 1\n";
+    "return redis.call('HLEN', P .. ':r')\n";
 
-/* KEYS: rd:due. ARGV: now, retry_ms, max users. For each user whose earliest pending delivery
- * is due: past its delivery window or to a resource no longer online it ends (the message stays
- * in the queue), otherwise it is rescheduled and returned for retransmission. Returns
- * {user, resource, {S, blob, ...}, ...}, one triple per resource with something to resend. */
+/* KEYS: P. ARGV: now, retry_ms. The user's pending deliveries that are due: past their delivery
+ * window or to a resource no longer online they end (the message stays in the queue), otherwise
+ * they are rescheduled and returned for retransmission. Returns {next due (-1: none left),
+ * resource, {S, blob, ...}, resource, {...}, ...}, one group per resource with something to
+ * resend. */
 static const char due_lua[] =
+    LUA_PROLOGUE
     LUA_HELPERS
-    "local now, retry = tonumber(ARGV[1]), tonumber(ARGV[2])\n"
-    "local users = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, ARGV[3])\n"
-    "local out = {}\n"
-    "for _, u in ipairs(users) do\n"
-    "  local P = 'rd:{' .. u .. '}'\n"
-    "  local on, groups, order = {}, {}, {}\n"
-    "  for _, r in ipairs(online(P)) do on[r] = true end\n"
-    "  for _, m in ipairs(redis.call('ZRANGEBYSCORE', P .. ':p', '-inf', now)) do\n"
-    "    local sid, dev = split(m)\n"
-    "    local blob = redis.call('HGET', P .. ':m', sid)\n"
-    "    local deadline = tonumber(redis.call('HGET', P .. ':pw', sid) or '0')\n"
-    "    if not blob or not on[dev] or deadline <= now then\n"
-    "      redis.call('ZREM', P .. ':p', m)\n"
-    "    else\n"
-    "      redis.call('ZADD', P .. ':p', now + retry, m)\n"
-    "      if not groups[dev] then groups[dev] = {}; order[#order + 1] = dev end\n"
-    "      local g = groups[dev]\n"
-    "      g[#g + 1] = sid\n"
-    "      g[#g + 1] = blob\n"
-    "    end\n"
+    "local P, now, retry = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])\n"
+    "local on, groups, order = {}, {}, {}\n"
+    "for _, r in ipairs(online(P)) do on[r] = true end\n"
+    "for _, m in ipairs(redis.call('ZRANGEBYSCORE', P .. ':p', '-inf', now)) do\n"
+    "  local sid, dev = split(m)\n"
+    "  local blob = redis.call('HGET', P .. ':m', sid)\n"
+    "  local deadline = tonumber(redis.call('HGET', P .. ':pw', sid) or '0')\n"
+    "  if not blob or not on[dev] or deadline <= now then\n"
+    "    redis.call('ZREM', P .. ':p', m)\n"
+    "  else\n"
+    "    redis.call('ZADD', P .. ':p', now + retry, m)\n"
+    "    if not groups[dev] then groups[dev] = {}; order[#order + 1] = dev end\n"
+    "    local g = groups[dev]\n"
+    "    g[#g + 1] = sid\n"
+    "    g[#g + 1] = blob\n"
     "  end\n"
-    "  local nxt = redis.call('ZRANGE', P .. ':p', 0, 0, 'WITHSCORES')\n"
-    "  if #nxt == 0 then redis.call('ZREM', KEYS[1], u) else redis.call('ZADD', KEYS[1], nxt[2], u) end\n"
-    "  for _, dev in ipairs(order) do\n"
-    "    out[#out + 1] = u\n"
-    "    out[#out + 1] = dev\n"
-    "    out[#out + 1] = groups[dev]\n"
-    "  end\n"
+    "end\n"
+    "local nxt = redis.call('ZRANGE', P .. ':p', 0, 0, 'WITHSCORES')\n"
+    "local out = {#nxt == 0 and -1 or tonumber(nxt[2])}\n"
+    "for _, dev in ipairs(order) do\n"
+    "  out[#out + 1] = dev\n"
+    "  out[#out + 1] = groups[dev]\n"
     "end\n"
     "return out\n";
 
-/* KEYS: P, rd:online. ARGV: 'set' | 'del' | 'verify', user, resource, now.
+/* KEYS: P. ARGV: 'set' | 'del' | 'verify', user, resource, now.
  * 'verify' marks a resource online again only if it is still registered (it answered our ping
  * after a reconnect, and no unavailable came in between). A resource that leaves ends its
- * pending deliveries at once: no retry interval to wait out. */
+ * pending deliveries at once: no retry interval to wait out. Returns how many resources are
+ * registered (the caller keeps the online index in step). */
 static const char presence_lua[] =
+    LUA_PROLOGUE
     LUA_HELPERS LUA_VIEW
     "local P, op, user, res = KEYS[1], ARGV[1], ARGV[2], ARGV[3]\n"
     "if op == 'set' then\n"
     "  redis.call('HSET', P .. ':r', res, epoch())\n"
-    "  redis.call('SADD', KEYS[2], user)\n"
     "  touch(P, res, ARGV[4])\n"
     "elseif op == 'verify' then\n"
     "  if redis.call('HEXISTS', P .. ':r', res) == 1 then redis.call('HSET', P .. ':r', res, epoch()) end\n"
     "else\n"
     "  redis.call('HDEL', P .. ':r', res)\n"
-    "  if redis.call('HLEN', P .. ':r') == 0 then redis.call('SREM', KEYS[2], user) end\n"
     "  device_offline(P, res)\n"
     "end\n"
-    "return 1\n";
+    "return redis.call('HLEN', P .. ':r')\n";
 
-/* KEYS: rd:online. ARGV: max. Returns {user, resource, ...} registered under an older
- * link epoch: the resources to ping after a reconnect. */
+/* KEYS: P. Returns the user's resources registered under an older link epoch: to ping after a
+ * reconnect. */
 static const char stale_lua[] =
+    LUA_PROLOGUE
     LUA_HELPERS
-    "local out, cur = {}, epoch()\n"
-    "for _, u in ipairs(redis.call('SMEMBERS', KEYS[1])) do\n"
-    "  local rs = redis.call('HGETALL', 'rd:{' .. u .. '}:r')\n"
-    "  for i = 1, #rs, 2 do\n"
-    "    if rs[i + 1] ~= cur and #out < 2 * tonumber(ARGV[1]) then\n"
-    "      out[#out + 1] = u\n"
-    "      out[#out + 1] = rs[i]\n"
-    "    end\n"
-    "  end\n"
-    "end\n"
+    "local out, rs = {}, redis.call('HGETALL', KEYS[1] .. ':r')\n"
+    "for i = 1, #rs, 2 do if rs[i + 1] ~= epoch() then out[#out + 1] = rs[i] end end\n"
     "return out\n";
 
 /* KEYS: P. ARGV: device, now, max items. The device's view: what it has not acked.
  * Returns {count, bytes, oldest blob, newest blob, archived (0|1), S, blob, ...} with the blobs ''
  * when the view is empty and up to max (S, blob) pairs, oldest first. */
 static const char summary_lua[] =
+    LUA_PROLOGUE
     LUA_HELPERS LUA_VIEW
     "local P, dev, max = KEYS[1], ARGV[1], tonumber(ARGV[3])\n"
     "touch(P, dev, ARGV[2])\n"
@@ -285,6 +281,7 @@ static const char summary_lua[] =
  * the next page
  * starts after the cursor, which may be past the last item when acked messages were skipped. */
 static const char fetch_lua[] =
+    LUA_PROLOGUE
     LUA_HELPERS LUA_VIEW
     "local P, dev = KEYS[1], ARGV[1]\n"
     "local max, budget, over = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])\n"
@@ -311,40 +308,36 @@ static const char fetch_lua[] =
 /* The stamp in a blob's header ("1 <stamp_ms> ..."): the archiver's one look inside a blob. */
 #define LUA_STAMP "local function stamp_of(blob) return tonumber(string.match(blob, '^%d+ (%d+) ')) end\n"
 
-/* KEYS: rd:arch. ARGV: cutoff, now, max users, max messages per user. For users whose oldest
- * message may be older than cutoff: their oldest messages stamped before it and out of their
- * delivery window, oldest first, stopping at the first younger one. Marks those users as having
- * an archive (P:ar) before anything is copied, so acks from now on also go to the archive.
- * Returns {user, {S, blob, acked, origin, ...}, ...}; nothing is removed here. */
+/* KEYS: P. ARGV: cutoff, now, max. The user's oldest messages stamped before cutoff and out of
+ * their delivery window, oldest first, stopping at the first younger one. Marks the user as
+ * having an archive (P:ar) before anything is copied, so acks from now on also go to the archive.
+ * Returns {S, blob, acked, origin, ...}; nothing is removed here. */
 static const char archive_take_lua[] =
+    LUA_PROLOGUE
     LUA_STAMP
-    "local cutoff, now, per = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[4])\n"
-    "local out = {}\n"
-    "for _, u in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', cutoff, 'LIMIT', 0, ARGV[3])) do\n"
-    "  local P, msgs = 'rd:{' .. u .. '}', {}\n"
-    "  for _, sid in ipairs(redis.call('ZRANGE', P .. ':q', 0, per - 1)) do\n"
-    "    local blob = redis.call('HGET', P .. ':m', sid)\n"
-    "    local st = blob and stamp_of(blob) or 0\n"
-    "    local window = tonumber(redis.call('HGET', P .. ':pw', sid) or '0')\n"
-    "    if st >= cutoff or window > now then break end\n"
-    "    msgs[#msgs + 1] = sid\n"
-    "    msgs[#msgs + 1] = blob\n"
-    "    msgs[#msgs + 1] = redis.call('HGET', P .. ':ak', sid) or ''\n"
-    "    msgs[#msgs + 1] = redis.call('HGET', P .. ':k', sid) or ''\n"
-    "  end\n"
-    "  if #msgs > 0 then redis.call('SET', P .. ':ar', '1') end\n"
-    "  out[#out + 1] = u\n"
-    "  out[#out + 1] = msgs\n"
+    "local P, cutoff, now = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])\n"
+    "local msgs = {}\n"
+    "for _, sid in ipairs(redis.call('ZRANGE', P .. ':q', 0, tonumber(ARGV[3]) - 1)) do\n"
+    "  local blob = redis.call('HGET', P .. ':m', sid)\n"
+    "  local st = blob and stamp_of(blob) or 0\n"
+    "  local window = tonumber(redis.call('HGET', P .. ':pw', sid) or '0')\n"
+    "  if st >= cutoff or window > now then break end\n"
+    "  msgs[#msgs + 1] = sid\n"
+    "  msgs[#msgs + 1] = blob\n"
+    "  msgs[#msgs + 1] = redis.call('HGET', P .. ':ak', sid) or ''\n"
+    "  msgs[#msgs + 1] = redis.call('HGET', P .. ':k', sid) or ''\n"
     "end\n"
-    "return out\n";
+    "if #msgs > 0 then redis.call('SET', P .. ':ar', '1') end\n"
+    "return msgs\n";
 
-/* KEYS: P, rd:arch. ARGV: user, now, S... The archive committed these messages: remove them here,
- * then re-index the user by the stamp of its oldest remaining message (or, while that one is in its
- * delivery window, by the window's end). */
+/* KEYS: P. ARGV: now, S... The archive committed these messages: remove them here. Returns when
+ * the user is next due for archiving: the stamp of its oldest remaining message (or, while that
+ * one is in its delivery window, the window's end), -1 when nothing is left. */
 static const char archive_drop_lua[] =
+    LUA_PROLOGUE
     LUA_HELPERS LUA_STAMP
     "local P = KEYS[1]\n"
-    "for i = 3, #ARGV do\n"
+    "for i = 2, #ARGV do\n"
     "  local blob = redis.call('HGET', P .. ':m', ARGV[i])\n"
     "  if blob then\n"
     "    for _, m in ipairs(redis.call('ZRANGE', P .. ':p', 0, -1)) do\n"
@@ -354,90 +347,131 @@ static const char archive_drop_lua[] =
     "  end\n"
     "end\n"
     "local first = redis.call('ZRANGE', P .. ':q', 0, 0)[1]\n"
-    "if not first then\n"
-    "  redis.call('ZREM', KEYS[2], ARGV[1])\n"
-    "else\n"
-    "  local st = stamp_of(redis.call('HGET', P .. ':m', first) or '') or tonumber(ARGV[2])\n"
-    "  local window = tonumber(redis.call('HGET', P .. ':pw', first) or '0')\n"
-    "  redis.call('ZADD', KEYS[2], math.max(st, window), ARGV[1])\n"
-    "end\n"
-    "return 1\n";
+    "if not first then return -1 end\n"
+    "local st = stamp_of(redis.call('HGET', P .. ':m', first) or '') or tonumber(ARGV[1])\n"
+    "local window = tonumber(redis.call('HGET', P .. ':pw', first) or '0')\n"
+    "return math.max(st, window)\n";
 
-/* KEYS: P, rd:act. ARGV: user, now, forget_ms. The user did something (presence, IQ): records it
- * for eviction, forgets devices not seen for forget_ms, and returns 1 when the user has no state
- * here (new, or evicted: the caller restores it from the archive). */
+/* KEYS: P. ARGV: now, forget_ms. The user did something (presence, IQ): forgets devices not seen
+ * for forget_ms, and returns 1 when the user has no state here (new, or evicted: the caller
+ * restores it from the archive). */
 static const char activity_lua[] =
-    "local P, now = KEYS[1], tonumber(ARGV[2])\n"
-    "redis.call('ZADD', KEYS[2], now, ARGV[1])\n"
+    LUA_PROLOGUE
+    "local P, now = KEYS[1], tonumber(ARGV[1])\n"
     "local devs = redis.call('HGETALL', P .. ':dev')\n"
     "for i = 1, #devs, 2 do\n"
-    "  if tonumber(devs[i + 1]) < now - tonumber(ARGV[3]) then redis.call('HDEL', P .. ':dev', devs[i]) end\n"
+    "  if tonumber(devs[i + 1]) < now - tonumber(ARGV[2]) then redis.call('HDEL', P .. ':dev', devs[i]) end\n"
     "end\n"
     "return redis.call('EXISTS', P .. ':seq') == 0 and 1 or 0\n";
 
-/* KEYS: P, rd:act. ARGV: user, seq, now, archived (0|1), device, seen, ... Brings back what
- * eviction kept in the archive (or creates the state of a new user: seq 0, no devices). */
+/* KEYS: P. ARGV: seq, archived (0|1), device, seen, ... Brings back what eviction kept in the
+ * archive (or creates the state of a new user: seq 0, no devices). */
 static const char restore_lua[] =
+    LUA_PROLOGUE
     "local P = KEYS[1]\n"
-    "if tonumber(redis.call('GET', P .. ':seq') or '-1') < tonumber(ARGV[2]) then\n"
-    "  redis.call('SET', P .. ':seq', ARGV[2])\n"
+    "if tonumber(redis.call('GET', P .. ':seq') or '-1') < tonumber(ARGV[1]) then\n"
+    "  redis.call('SET', P .. ':seq', ARGV[1])\n"
     "end\n"
-    "for i = 5, #ARGV, 2 do redis.call('HSETNX', P .. ':dev', ARGV[i], ARGV[i + 1]) end\n"
-    "if ARGV[4] == '1' then redis.call('SET', P .. ':ar', '1') end\n"
-    "redis.call('ZADD', KEYS[2], 'NX', ARGV[3], ARGV[1])\n"
+    "for i = 3, #ARGV, 2 do redis.call('HSETNX', P .. ':dev', ARGV[i], ARGV[i + 1]) end\n"
+    "if ARGV[2] == '1' then redis.call('SET', P .. ':ar', '1') end\n"
     "return 1\n";
 
-/* KEYS: rd:act. ARGV: cutoff, now, max users, max messages. Users inactive since cutoff with
- * nobody online: their state to move to the archive. Returns {user, seq, {device, seen, ...},
- * complete (0|1), {S, blob, acked, origin, ...}, ...}; complete 0 when more messages remain than
- * max (those go in a later pass). Users online after all are re-stamped and skipped. */
+/* KEYS: P. ARGV: max messages. The user's state to move to the archive, unless somebody is online
+ * or a delivery is pending. Returns {} in that case, else {seq, {device, seen, ...}, complete (0|1),
+ * {S, blob, acked, origin, ...}}; complete 0 when more than max messages remain (the rest go in a
+ * later pass). */
 static const char evict_take_lua[] =
+    LUA_PROLOGUE
     LUA_HELPERS
-    "local now, per = tonumber(ARGV[2]), tonumber(ARGV[4])\n"
-    "local out = {}\n"
-    "for _, u in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])) do\n"
-    "  local P = 'rd:{' .. u .. '}'\n"
-    "  if #online(P) > 0 or redis.call('ZCARD', P .. ':p') > 0 then\n"
-    "    redis.call('ZADD', KEYS[1], now, u)\n"
-    "  else\n"
-    "    local sids = redis.call('ZRANGE', P .. ':q', 0, per)\n"
-    "    local msgs = {}\n"
-    "    for i = 1, math.min(#sids, per) do\n"
-    "      local sid = sids[i]\n"
-    "      msgs[#msgs + 1] = sid\n"
-    "      msgs[#msgs + 1] = redis.call('HGET', P .. ':m', sid) or ''\n"
-    "      msgs[#msgs + 1] = redis.call('HGET', P .. ':ak', sid) or ''\n"
-    "      msgs[#msgs + 1] = redis.call('HGET', P .. ':k', sid) or ''\n"
-    "    end\n"
-    "    redis.call('SET', P .. ':ar', '1')\n"
-    "    out[#out + 1] = u\n"
-    "    out[#out + 1] = redis.call('GET', P .. ':seq') or '0'\n"
-    "    out[#out + 1] = redis.call('HGETALL', P .. ':dev')\n"
-    "    out[#out + 1] = #sids <= per and 1 or 0\n"
-    "    out[#out + 1] = msgs\n"
-    "  end\n"
+    "local P, per = KEYS[1], tonumber(ARGV[1])\n"
+    "if #online(P) > 0 or redis.call('ZCARD', P .. ':p') > 0 then return {} end\n"
+    "local sids = redis.call('ZRANGE', P .. ':q', 0, per)\n"
+    "local msgs = {}\n"
+    "for i = 1, math.min(#sids, per) do\n"
+    "  local sid = sids[i]\n"
+    "  msgs[#msgs + 1] = sid\n"
+    "  msgs[#msgs + 1] = redis.call('HGET', P .. ':m', sid) or ''\n"
+    "  msgs[#msgs + 1] = redis.call('HGET', P .. ':ak', sid) or ''\n"
+    "  msgs[#msgs + 1] = redis.call('HGET', P .. ':k', sid) or ''\n"
     "end\n"
-    "return out\n";
+    "redis.call('SET', P .. ':ar', '1')\n"
+    "return {redis.call('GET', P .. ':seq') or '0', redis.call('HGETALL', P .. ':dev'),\n"
+    "        #sids <= per and 1 or 0, msgs}\n";
 
-/* KEYS: P, rd:act, rd:arch, rd:due, rd:online. ARGV: user, evict (0|1), S... The archive committed
- * these messages (and, with evict 1, the user's state): delete them here; with evict 1 and
- * nothing left and nobody online, delete all of the user's state. Returns 1 when evicted. */
+/* KEYS: P. ARGV: evict (0|1), S... The archive committed these messages (and, with evict 1, the
+ * user's state): delete them here; with evict 1 and nothing left and nobody online, delete all of
+ * the user's state. Returns 1 when evicted. */
 static const char evict_drop_lua[] =
+    LUA_PROLOGUE
     LUA_HELPERS
-    "local P, u = KEYS[1], ARGV[1]\n"
-    "for i = 3, #ARGV do\n"
+    "local P = KEYS[1]\n"
+    "for i = 2, #ARGV do\n"
     "  local blob = redis.call('HGET', P .. ':m', ARGV[i])\n"
     "  if blob then purge(P, ARGV[i], blob) end\n"
     "end\n"
-    "if ARGV[2] ~= '1' or redis.call('ZCARD', P .. ':q') > 0 or #online(P) > 0 or\n"
+    "if ARGV[1] ~= '1' or redis.call('ZCARD', P .. ':q') > 0 or #online(P) > 0 or\n"
     "   redis.call('ZCARD', P .. ':p') > 0 then return 0 end\n"
     "for _, k in ipairs({'seq', 'm', 'q', 'qb', 'ak', 'an', 'ab', 'dev', 'p', 'pw', 'o', 'k', 'r', 'ar'}) do\n"
     "  redis.call('DEL', P .. ':' .. k)\n"
     "end\n"
-    "redis.call('ZREM', KEYS[2], u)\n"
-    "redis.call('ZREM', KEYS[3], u)\n"
-    "redis.call('ZREM', KEYS[4], u)\n"
-    "redis.call('SREM', KEYS[5], u)\n"
+    "return 1\n";
+
+/* ---- the sharded indexes: KEYS are the four index keys of one shard (one slot): due, online,
+ * arch, act (storage/SCHEMA.md). ---- */
+
+/* ARGV: user, due (0: not live), now. A message was stored for user: index it for retransmission
+ * (keeping an earlier due), archiving and eviction (keeping the earlier stamps). Sent before the
+ * message's own script, so a crash in between leaves at worst an index entry with nothing behind
+ * it, which the next pass drops. */
+static const char index_put_lua[] =
+    LUA_PROLOGUE
+    "if tonumber(ARGV[2]) > 0 then redis.call('ZADD', KEYS[1], 'LT', ARGV[2], ARGV[1]) end\n"
+    "redis.call('ZADD', KEYS[3], 'NX', ARGV[3], ARGV[1])\n"
+    "redis.call('ZADD', KEYS[4], 'NX', ARGV[3], ARGV[1])\n"
+    "return 1\n";
+
+/* ARGV: which (1 due, 3 arch, 4 act), limit, lease, max. Claims up to max users whose score is
+ * at most limit by setting their score to lease, so that another instance sharing the indexes
+ * does not claim them too before the lease ends. Returns the users. */
+static const char index_claim_lua[] =
+    LUA_PROLOGUE
+    "local idx = KEYS[tonumber(ARGV[1])]\n"
+    "local users = redis.call('ZRANGEBYSCORE', idx, '-inf', ARGV[2], 'LIMIT', 0, ARGV[4])\n"
+    "for _, u in ipairs(users) do redis.call('ZADD', idx, ARGV[3], u) end\n"
+    "return users\n";
+
+/* ARGV: which, user, score (-1: none), lease. After a claimed user was handled: its next score,
+ * or off the index when nothing is left, unless a writer changed the entry since the claim (then
+ * only an earlier score is taken). */
+static const char index_set_lua[] =
+    LUA_PROLOGUE
+    "local idx = KEYS[tonumber(ARGV[1])]\n"
+    "local cur, score = redis.call('ZSCORE', idx, ARGV[2]), tonumber(ARGV[3])\n"
+    "local mine = cur and tonumber(cur) == tonumber(ARGV[4])\n"
+    "if score < 0 then\n"
+    "  if mine then redis.call('ZREM', idx, ARGV[2]) end\n"
+    "elseif mine or not cur then\n"
+    "  redis.call('ZADD', idx, score, ARGV[2])\n"
+    "else\n"
+    "  redis.call('ZADD', idx, 'LT', score, ARGV[2])\n"
+    "end\n"
+    "return 1\n";
+
+/* ARGV: user, op: 'online' (SADD), 'offline' (SREM), 'active' (ZADD act now=ARGV[3]),
+ * 'restored' (ZADD NX act), 'forget' (off every index: evicted). */
+static const char index_user_lua[] =
+    LUA_PROLOGUE
+    "local u, op = ARGV[1], ARGV[2]\n"
+    "if op == 'online' then redis.call('SADD', KEYS[2], u)\n"
+    "elseif op == 'offline' then redis.call('SREM', KEYS[2], u)\n"
+    "elseif op == 'active' then redis.call('ZADD', KEYS[4], ARGV[3], u)\n"
+    "elseif op == 'restored' then redis.call('ZADD', KEYS[4], 'NX', ARGV[3], u)\n"
+    "elseif op == 'forget' then\n"
+    "  redis.call('ZREM', KEYS[1], u)\n"
+    "  redis.call('SREM', KEYS[2], u)\n"
+    "  redis.call('ZREM', KEYS[3], u)\n"
+    "  redis.call('ZREM', KEYS[4], u)\n"
+    "end\n"
     "return 1\n";
 
 const char *store_script_source(store_script_t s)
@@ -453,6 +487,10 @@ const char *store_script_source(store_script_t s)
         [STORE_SCRIPT_RESTORE] = restore_lua,
         [STORE_SCRIPT_EVICT_TAKE] = evict_take_lua,
         [STORE_SCRIPT_EVICT_DROP] = evict_drop_lua,
+        [STORE_SCRIPT_INDEX_PUT] = index_put_lua,
+        [STORE_SCRIPT_INDEX_CLAIM] = index_claim_lua,
+        [STORE_SCRIPT_INDEX_SET] = index_set_lua,
+        [STORE_SCRIPT_INDEX_USER] = index_user_lua,
     };
     return sources[s];
 }

@@ -14,76 +14,12 @@
 #include <strophe.h>
 
 #include "scripts.h"
+#include "store_internal.h"
 #include "uvredis.h"
 
 #define BACKOFF_MIN_MS 100
 #define BACKOFF_MAX_MS 5000
-#define KEY_DUE "rd:due"
-#define KEY_ONLINE "rd:online"
 #define KEY_EPOCH "rd:epoch"
-#define KEY_ARCH "rd:arch"
-#define KEY_ACT "rd:act"
-
-struct store {
-    uv_loop_t *loop;
-    char *host;
-    int port;
-    char *socket;
-    char *password;
-    unsigned timeout_ms;
-    uv_timer_t watchdog;
-    uint64_t last_progress; /* loop time of the last reply, or of the first request in flight */
-    unsigned max_inflight;
-    redisAsyncContext *ac;
-    bool connected;
-    bool closing;
-    int timer_closed; /* how many of the two timers have closed */
-    uv_timer_t retry_timer;
-    unsigned backoff_ms;
-    unsigned inflight;
-    unsigned scripts_pending; /* SCRIPT LOAD replies still to come on this connection */
-    bool scripts_failed;
-    char load_error[128];
-    char sha[STORE_SCRIPT_COUNT][41];
-    store_state_cb on_state;
-    void *ud;
-};
-
-typedef enum {
-    REQ_PUT,
-    REQ_ITEMS,
-    REQ_ACK,
-    REQ_OLD,
-    REQ_EVICT,
-    REQ_FLAG,
-    REQ_DONE,
-    REQ_EPOCH,
-    REQ_DUE,
-    REQ_SUMMARY,
-    REQ_FETCH,
-    REQ_STRING,
-    REQ_IGNORE
-} req_kind_t;
-
-typedef struct req {
-    store_t *st;
-    req_kind_t kind;
-    union {
-        store_put_cb put;
-        store_items_cb items;
-        store_ack_cb ack;
-        store_old_cb old;
-        store_evict_cb evict;
-        store_flag_cb flag;
-        store_done_cb done;
-        store_epoch_cb epoch;
-        store_due_cb due;
-        store_summary_cb summary;
-        store_fetch_cb fetch;
-        store_string_cb string;
-    } cb;
-    void *ud;
-} req_t;
 
 static void store_connect(store_t *st);
 
@@ -246,6 +182,7 @@ int store_create(uv_loop_t *loop, const store_config_t *cfg, store_state_cb on_s
         return STORE_ENOMEM;
     }
     st->loop = loop;
+    store_set_epoch(st, "0");
     st->port = cfg->port;
     st->timeout_ms = cfg->timeout_ms ? cfg->timeout_ms : 5000;
     st->max_inflight = cfg->max_inflight ? cfg->max_inflight : 10000;
@@ -307,14 +244,14 @@ unsigned store_inflight(const store_t *st)
 
 /* ---- replies ------------------------------------------------------------------------------ */
 
-static bool is_str(const redisReply *r)
+bool store_reply_is_str(const redisReply *r)
 {
     return r && (r->type == REDIS_REPLY_STRING || r->type == REDIS_REPLY_STATUS);
 }
 
 /* Views elements [from, from + 2n) of an array reply as (sid, blob) pairs. Returns -1 on a
  * malformed reply; *items is NULL when n == 0 and otherwise freed by the caller. */
-static int pairs_of(const redisReply *arr, size_t from, store_item_t **items, size_t *n)
+int store_reply_pairs(const redisReply *arr, size_t from, store_item_t **items, size_t *n)
 {
     *items = NULL;
     *n = 0;
@@ -329,7 +266,7 @@ static int pairs_of(const redisReply *arr, size_t from, store_item_t **items, si
         return -1;
     for (size_t i = 0; i < count; i++) {
         const redisReply *a = arr->element[from + 2 * i], *b = arr->element[from + 2 * i + 1];
-        if (!is_str(a) || !is_str(b)) {
+        if (!store_reply_is_str(a) || !store_reply_is_str(b)) {
             free(it);
             return -1;
         }
@@ -345,7 +282,7 @@ static int pairs_of(const redisReply *arr, size_t from, store_item_t **items, si
 static int reply_put(req_t *rq, const redisReply *r)
 {
     store_put_result_t res = {0};
-    if (r->type != REDIS_REPLY_ARRAY || r->elements < 1 || !is_str(r->element[0]))
+    if (r->type != REDIS_REPLY_ARRAY || r->elements < 1 || !store_reply_is_str(r->element[0]))
         return -1;
     const char *tag = r->element[0]->str;
     if (strcmp(tag, "full") == 0 || strcmp(tag, "cold") == 0) {
@@ -354,7 +291,7 @@ static int reply_put(req_t *rq, const redisReply *r)
         rq->cb.put(rq->ud, 0, &res);
         return 0;
     }
-    if (r->elements < 2 || !is_str(r->element[1]))
+    if (r->elements < 2 || !store_reply_is_str(r->element[1]))
         return -1;
     res.sid = r->element[1]->str;
     if (strcmp(tag, "dup") == 0)
@@ -371,7 +308,7 @@ static int reply_put(req_t *rq, const redisReply *r)
         if (!resources)
             return -1;
         for (size_t i = 2; i < r->elements; i++) {
-            if (!is_str(r->element[i])) {
+            if (!store_reply_is_str(r->element[i])) {
                 free(resources);
                 return -1;
             }
@@ -385,41 +322,14 @@ static int reply_put(req_t *rq, const redisReply *r)
     return 0;
 }
 
-static int reply_due(req_t *rq, const redisReply *r)
-{
-    if (r->type != REDIS_REPLY_ARRAY || r->elements % 3)
-        return -1;
-    size_t n = r->elements / 3;
-    store_due_t *due = n ? calloc(n, sizeof *due) : NULL;
-    int rc = -1;
-    if (n && !due)
-        return -1;
-    for (size_t i = 0; i < n; i++) {
-        const redisReply *u = r->element[3 * i], *res = r->element[3 * i + 1];
-        if (!is_str(u) || !is_str(res))
-            goto out;
-        due[i].user = u->str;
-        due[i].resource = res->str;
-        if (pairs_of(r->element[3 * i + 2], 0, &due[i].items, &due[i].nitems) < 0)
-            goto out;
-    }
-    rq->cb.due(rq->ud, 0, due, n);
-    rc = 0;
-out:
-    for (size_t i = 0; i < n; i++)
-        free(due[i].items);
-    free(due);
-    return rc;
-}
-
 static int reply_ack(req_t *rq, const redisReply *r)
 {
     store_ack_result_t res = {0};
     store_item_t *items;
     size_t n;
     if (r->type != REDIS_REPLY_ARRAY || r->elements < 3 ||
-        r->element[0]->type != REDIS_REPLY_INTEGER || !is_str(r->element[1]) ||
-        r->element[2]->type != REDIS_REPLY_ARRAY || pairs_of(r, 3, &items, &n) < 0)
+        r->element[0]->type != REDIS_REPLY_INTEGER || !store_reply_is_str(r->element[1]) ||
+        r->element[2]->type != REDIS_REPLY_ARRAY || store_reply_pairs(r, 3, &items, &n) < 0)
         return -1;
     const redisReply *f = r->element[2];
     const char **found = f->elements ? calloc(f->elements, sizeof *found) : NULL;
@@ -428,7 +338,7 @@ static int reply_ack(req_t *rq, const redisReply *r)
         return -1;
     }
     for (size_t i = 0; i < f->elements; i++) {
-        if (!is_str(f->element[i])) {
+        if (!store_reply_is_str(f->element[i])) {
             free(found);
             free(items);
             return -1;
@@ -448,7 +358,7 @@ static int reply_ack(req_t *rq, const redisReply *r)
 }
 
 /* Views an array of (sid, blob, acked, origin) quadruples; *out is freed by the caller. */
-static int old_msgs_of(const redisReply *m, store_old_msg_t **out, size_t *n)
+int store_reply_old_msgs(const redisReply *m, store_old_msg_t **out, size_t *n)
 {
     *out = NULL;
     *n = 0;
@@ -461,7 +371,7 @@ static int old_msgs_of(const redisReply *m, store_old_msg_t **out, size_t *n)
         return -1;
     for (size_t k = 0; k < m->elements / 4; k++) {
         for (int f = 0; f < 4; f++)
-            if (!is_str(m->element[4 * k + f])) {
+            if (!store_reply_is_str(m->element[4 * k + f])) {
                 free(v);
                 return -1;
             }
@@ -474,71 +384,6 @@ static int old_msgs_of(const redisReply *m, store_old_msg_t **out, size_t *n)
     return 0;
 }
 
-static int reply_evict(req_t *rq, const redisReply *r)
-{
-    if (r->type != REDIS_REPLY_ARRAY || r->elements % 5)
-        return -1;
-    size_t n = r->elements / 5;
-    store_evictee_t *users = n ? calloc(n, sizeof *users) : NULL;
-    const char ***devs = n ? calloc(n, sizeof *devs) : NULL;
-    int rc = -1;
-    if (n && (!users || !devs))
-        goto out;
-    for (size_t i = 0; i < n; i++) {
-        redisReply **e = r->element + 5 * i;
-        if (!is_str(e[0]) || !is_str(e[1]) || e[2]->type != REDIS_REPLY_ARRAY ||
-            e[2]->elements % 2 || e[3]->type != REDIS_REPLY_INTEGER ||
-            old_msgs_of(e[4], &users[i].msgs, &users[i].n) < 0)
-            goto out;
-        if (e[2]->elements && !(devs[i] = calloc(e[2]->elements, sizeof *devs[i])))
-            goto out;
-        for (size_t k = 0; k < e[2]->elements; k++) {
-            if (!is_str(e[2]->element[k]))
-                goto out;
-            devs[i][k] = e[2]->element[k]->str;
-        }
-        users[i].state = (store_user_state_t){e[0]->str, strtoull(e[1]->str, NULL, 10), devs[i],
-                                              e[2]->elements / 2, true};
-        users[i].complete = e[3]->integer == 1;
-    }
-    rq->cb.evict(rq->ud, 0, users, n);
-    rc = 0;
-out:
-    for (size_t i = 0; i < n; i++) {
-        if (users)
-            free(users[i].msgs);
-        if (devs)
-            free(devs[i]);
-    }
-    free(users);
-    free(devs);
-    return rc;
-}
-
-static int reply_old(req_t *rq, const redisReply *r)
-{
-    if (r->type != REDIS_REPLY_ARRAY || r->elements % 2)
-        return -1;
-    size_t n = r->elements / 2;
-    store_old_t *users = n ? calloc(n, sizeof *users) : NULL;
-    int rc = -1;
-    if (n && !users)
-        return -1;
-    for (size_t i = 0; i < n; i++) {
-        const redisReply *u = r->element[2 * i];
-        if (!is_str(u) || old_msgs_of(r->element[2 * i + 1], &users[i].msgs, &users[i].n) < 0)
-            goto out;
-        users[i].user = u->str;
-    }
-    rq->cb.old(rq->ud, 0, users, n);
-    rc = 0;
-out:
-    for (size_t i = 0; i < n; i++)
-        free(users[i].msgs);
-    free(users);
-    return rc;
-}
-
 static int reply_dispatch(req_t *rq, const redisReply *r)
 {
     store_item_t *items;
@@ -547,17 +392,22 @@ static int reply_dispatch(req_t *rq, const redisReply *r)
     case REQ_PUT:
         return reply_put(rq, r);
     case REQ_ITEMS:
-        if (pairs_of(r, 0, &items, &n) < 0)
+        if (store_reply_pairs(r, 0, &items, &n) < 0)
             return -1;
         rq->cb.items(rq->ud, 0, items, n);
         free(items);
         return 0;
     case REQ_ACK:
         return reply_ack(rq, r);
-    case REQ_OLD:
-        return reply_old(rq, r);
-    case REQ_EVICT:
-        return reply_evict(rq, r);
+    case REQ_SWEEP:
+        return sweep_on_reply(rq, r);
+    case REQ_REGISTRY:
+        if (r->type != REDIS_REPLY_INTEGER)
+            return -1;
+        store_index_user(rq->st, rq->user, r->integer > 0 ? "online" : "offline", 0);
+        if (rq->cb.done)
+            rq->cb.done(rq->ud, 0);
+        return 0;
     case REQ_FLAG:
         if (r->type != REDIS_REPLY_INTEGER)
             return -1;
@@ -575,15 +425,13 @@ static int reply_dispatch(req_t *rq, const redisReply *r)
         rq->cb.epoch(rq->ud, 0, buf);
         return 0;
     }
-    case REQ_DUE:
-        return reply_due(rq, r);
     case REQ_SUMMARY: {
         store_item_t ends[2] = {{0}};
         if (r->type != REDIS_REPLY_ARRAY || r->elements < 5 ||
             r->element[0]->type != REDIS_REPLY_INTEGER ||
-            r->element[1]->type != REDIS_REPLY_INTEGER || !is_str(r->element[2]) ||
-            !is_str(r->element[3]) || r->element[4]->type != REDIS_REPLY_INTEGER ||
-            pairs_of(r, 5, &items, &n) < 0)
+            r->element[1]->type != REDIS_REPLY_INTEGER || !store_reply_is_str(r->element[2]) ||
+            !store_reply_is_str(r->element[3]) || r->element[4]->type != REDIS_REPLY_INTEGER ||
+            store_reply_pairs(r, 5, &items, &n) < 0)
             return -1;
         for (int i = 0; i < 2; i++) {
             ends[i].blob = r->element[2 + i]->str;
@@ -597,16 +445,19 @@ static int reply_dispatch(req_t *rq, const redisReply *r)
     }
     case REQ_FETCH:
         if (r->type != REDIS_REPLY_ARRAY || r->elements < 3 ||
-            r->element[0]->type != REDIS_REPLY_INTEGER || !is_str(r->element[1]) ||
-            r->element[2]->type != REDIS_REPLY_INTEGER || pairs_of(r, 3, &items, &n) < 0)
+            r->element[0]->type != REDIS_REPLY_INTEGER || !store_reply_is_str(r->element[1]) ||
+            r->element[2]->type != REDIS_REPLY_INTEGER || store_reply_pairs(r, 3, &items, &n) < 0)
             return -1;
         rq->cb.fetch(rq->ud, 0, r->element[0]->integer == 1,
                      r->element[1]->len ? r->element[1]->str : NULL, items, n,
                      r->element[2]->integer == 1);
         free(items);
         return 0;
+    case REQ_VALUE:
+        rq->cb.string(rq->ud, 0, store_reply_is_str(r) ? r->str : NULL);
+        return 0;
     case REQ_STRING:
-        if (r->type != REDIS_REPLY_ARRAY || r->elements != 2 || !is_str(r->element[1]))
+        if (r->type != REDIS_REPLY_ARRAY || r->elements != 2 || !store_reply_is_str(r->element[1]))
             return -1;
         rq->cb.string(rq->ud, 0, r->element[1]->str);
         return 0;
@@ -629,25 +480,20 @@ static void reply_fail(req_t *rq, int err)
     case REQ_ACK:
         rq->cb.ack(rq->ud, err, NULL);
         break;
-    case REQ_OLD:
-        rq->cb.old(rq->ud, err, NULL, 0);
-        break;
-    case REQ_EVICT:
-        rq->cb.evict(rq->ud, err, NULL, 0);
+    case REQ_SWEEP:
+        sweep_on_fail(rq, err);
         break;
     case REQ_FLAG:
         if (rq->cb.flag)
             rq->cb.flag(rq->ud, err, false);
         break;
     case REQ_DONE:
+    case REQ_REGISTRY:
         if (rq->cb.done)
             rq->cb.done(rq->ud, err);
         break;
     case REQ_EPOCH:
         rq->cb.epoch(rq->ud, err, NULL);
-        break;
-    case REQ_DUE:
-        rq->cb.due(rq->ud, err, NULL, 0);
         break;
     case REQ_SUMMARY:
         rq->cb.summary(rq->ud, err, 0, 0, NULL, NULL, 0, false);
@@ -656,6 +502,7 @@ static void reply_fail(req_t *rq, int err)
         rq->cb.fetch(rq->ud, err, false, NULL, NULL, 0, false);
         break;
     case REQ_STRING:
+    case REQ_VALUE:
         rq->cb.string(rq->ud, err, NULL);
         break;
     case REQ_IGNORE:
@@ -683,23 +530,23 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *privdata)
         reply_fail(rq, STORE_EDOWN);
     else if (r->type == REDIS_REPLY_ERROR || reply_dispatch(rq, r) < 0)
         reply_fail(rq, STORE_EREPLY);
-    free(rq);
+    store_req_free(rq);
 }
 
 /* Sends argv as one command; rq is consumed either way. */
 static int send_argv(store_t *st, req_t *rq, int argc, const char **argv, const size_t *lens)
 {
     if (!st->connected || !st->ac) {
-        free(rq);
+        store_req_free(rq);
         return STORE_EDOWN;
     }
     if (st->inflight >= st->max_inflight) {
-        free(rq);
+        store_req_free(rq);
         return STORE_EBUSY;
     }
     rq->st = st;
     if (redisAsyncCommandArgv(st->ac, on_reply, rq, argc, argv, lens) != REDIS_OK) {
-        free(rq);
+        store_req_free(rq);
         return STORE_EDOWN;
     }
     if (st->inflight++ == 0)
@@ -707,7 +554,15 @@ static int send_argv(store_t *st, req_t *rq, int argc, const char **argv, const 
     return 0;
 }
 
-static req_t *req_new(req_kind_t kind, void *ud)
+void store_req_free(req_t *rq)
+{
+    if (rq) {
+        free(rq->user);
+        free(rq);
+    }
+}
+
+req_t *store_req_new(req_kind_t kind, void *ud)
 {
     req_t *rq = calloc(1, sizeof *rq);
     if (rq) {
@@ -717,88 +572,110 @@ static req_t *req_new(req_kind_t kind, void *ud)
     return rq;
 }
 
-/* Most commands are an EVALSHA of short string arguments; this builds and sends one. args may
- * hold up to 24 entries, plus an optional binary blob appended last. */
-#define MAX_ARGS 32
-typedef struct cmd {
-    const char *argv[MAX_ARGS];
-    size_t lens[MAX_ARGS];
-    int argc;
-    char nums[8][24];
-    int nnums;
-} cmd_t;
-
-static void cmd_add(cmd_t *c, const char *s)
-{
-    c->argv[c->argc] = s;
-    c->lens[c->argc++] = strlen(s);
-}
-
-static void cmd_add_bin(cmd_t *c, const char *s, size_t n)
+static void cmd_push(cmd_t *c, const char *s, size_t n)
 {
     c->argv[c->argc] = s;
     c->lens[c->argc++] = n;
 }
 
-static void cmd_add_num(cmd_t *c, int64_t v)
+/* The epoch goes right after the script's keys, whatever the caller adds next. */
+static void cmd_epoch(cmd_t *c)
+{
+    if (c->epoch && c->argc == 3 + c->nkeys) {
+        const char *e = c->epoch;
+        c->epoch = NULL;
+        cmd_push(c, e, strlen(e));
+    }
+}
+
+void store_cmd_add(cmd_t *c, const char *s)
+{
+    cmd_epoch(c);
+    cmd_push(c, s, strlen(s));
+}
+
+void store_cmd_add_bin(cmd_t *c, const char *s, size_t n)
+{
+    cmd_epoch(c);
+    cmd_push(c, s, n);
+}
+
+void store_cmd_add_num(cmd_t *c, int64_t v)
 {
     char *buf = c->nums[c->nnums++];
     snprintf(buf, sizeof c->nums[0], "%" PRId64, v);
-    cmd_add(c, buf);
+    store_cmd_add(c, buf);
 }
 
-static void cmd_evalsha(cmd_t *c, store_t *st, store_script_t s, int nkeys)
+void store_cmd_evalsha(cmd_t *c, store_t *st, store_script_t s, int nkeys)
 {
     c->argc = c->nnums = 0;
-    cmd_add(c, "EVALSHA");
-    cmd_add(c, st->sha[s]);
-    cmd_add_num(c, nkeys);
+    c->epoch = NULL;
+    store_cmd_add(c, "EVALSHA");
+    store_cmd_add(c, st->sha[s]);
+    store_cmd_add_num(c, nkeys);
+    c->nkeys = nkeys;
+    c->epoch = st->epoch;
+}
+
+void store_cmd_add_index(cmd_t *c, unsigned shard, char keys[4][INDEX_KEY_MAX])
+{
+    static const char *const names[4] = {"due", "online", "arch", "act"};
+    for (int i = 0; i < 4; i++) {
+        store_index_key(keys[i], INDEX_KEY_MAX, shard, names[i]);
+        store_cmd_add(c, keys[i]);
+    }
 }
 
 /* The user's key prefix, "rd:{user}". */
-static int user_prefix(char *buf, size_t len, const char *user)
+int store_user_prefix(char *buf, size_t len, const char *user)
 {
     int n = snprintf(buf, len, "rd:{%s}", user);
     return n > 0 && (size_t)n < len ? 0 : -1;
 }
 
-#define PREFIX_MAX 3200
 #define OKEY_MAX 4200
 
 int store_put_message(store_t *st, const store_put_t *p, store_put_cb cb, void *ud)
 {
     char prefix[PREFIX_MAX], suffix[9];
     cmd_t c;
-    if (user_prefix(prefix, sizeof prefix, p->user) < 0)
+    if (store_user_prefix(prefix, sizeof prefix, p->user) < 0)
         return STORE_EREPLY;
     snprintf(suffix, sizeof suffix, "%08x", (unsigned)rand());
-    req_t *rq = req_new(REQ_PUT, ud);
+    req_t *rq = store_req_new(REQ_PUT, ud);
     if (!rq)
         return STORE_ENOMEM;
     rq->cb.put = cb;
-    cmd_evalsha(&c, st, STORE_SCRIPT_PUT, 4);
-    cmd_add(&c, prefix);
-    cmd_add(&c, KEY_DUE);
-    cmd_add(&c, KEY_ARCH);
-    cmd_add(&c, KEY_ACT);
-    cmd_add(&c, p->user);
-    cmd_add(&c, p->sender);
-    cmd_add(&c, p->orig_id ? p->orig_id : "");
-    cmd_add(&c, suffix);
-    cmd_add_bin(&c, p->blob, p->blob_len);
-    cmd_add(&c, p->track ? "1" : "0");
-    cmd_add_num(&c, p->now_ms);
-    cmd_add_num(&c, p->retry_ms);
-    cmd_add_num(&c, p->window_ms);
-    cmd_add_num(&c, p->dedupe_s);
-    cmd_add_num(&c, (int64_t)p->max_messages);
-    cmd_add_num(&c, (int64_t)p->max_bytes);
-    return send_argv(st, rq, c.argc, c.argv, c.lens);
+    /* The indexes first: see storage/sweep.c. */
+    if (st->connected)
+        store_index_put(st, p->user, p->track ? p->now_ms + p->retry_ms : 0, p->now_ms);
+    store_cmd_evalsha(&c, st, STORE_SCRIPT_PUT, 1);
+    store_cmd_add(&c, prefix);
+    store_cmd_add(&c, p->user);
+    store_cmd_add(&c, p->sender);
+    store_cmd_add(&c, p->orig_id ? p->orig_id : "");
+    store_cmd_add(&c, suffix);
+    store_cmd_add_bin(&c, p->blob, p->blob_len);
+    store_cmd_add(&c, p->track ? "1" : "0");
+    store_cmd_add_num(&c, p->now_ms);
+    store_cmd_add_num(&c, p->retry_ms);
+    store_cmd_add_num(&c, p->window_ms);
+    store_cmd_add_num(&c, p->dedupe_s);
+    store_cmd_add_num(&c, (int64_t)p->max_messages);
+    store_cmd_add_num(&c, (int64_t)p->max_bytes);
+    return store_send(st, rq, &c);
 }
 
-/* Sends the command in c followed by list[0..n); rq is consumed either way. */
-static int send_with_list(store_t *st, req_t *rq, const cmd_t *c, const char *const *list, size_t n)
+int store_send(store_t *st, req_t *rq, cmd_t *c)
 {
+    cmd_epoch(c);
+    return send_argv(st, rq, c->argc, c->argv, c->lens);
+}
+
+int store_send_list(store_t *st, req_t *rq, cmd_t *c, const char *const *list, size_t n)
+{
+    cmd_epoch(c);
     size_t argc = (size_t)c->argc + n;
     const char **argv = calloc(argc, sizeof *argv);
     size_t *lens = calloc(argc, sizeof *lens);
@@ -824,18 +701,18 @@ int store_ack_sids(store_t *st, const store_device_t *who, const char *const *si
 {
     char prefix[PREFIX_MAX];
     cmd_t c;
-    if (user_prefix(prefix, sizeof prefix, who->user) < 0)
+    if (store_user_prefix(prefix, sizeof prefix, who->user) < 0)
         return STORE_EREPLY;
-    req_t *rq = req_new(REQ_ACK, ud);
+    req_t *rq = store_req_new(REQ_ACK, ud);
     if (!rq)
         return STORE_ENOMEM;
     rq->cb.ack = cb;
-    cmd_evalsha(&c, st, STORE_SCRIPT_ACK, 1);
-    cmd_add(&c, prefix);
-    cmd_add(&c, who->device);
-    cmd_add_num(&c, who->now_ms);
-    cmd_add(&c, "sid");
-    return send_with_list(st, rq, &c, sids, n);
+    store_cmd_evalsha(&c, st, STORE_SCRIPT_ACK, 1);
+    store_cmd_add(&c, prefix);
+    store_cmd_add(&c, who->device);
+    store_cmd_add_num(&c, who->now_ms);
+    store_cmd_add(&c, "sid");
+    return store_send_list(st, rq, &c, sids, n);
 }
 
 static int origin_key(char *buf, size_t len, const char *sender, const char *orig_id)
@@ -849,38 +726,49 @@ int store_ack_origin(store_t *st, const store_device_t *who, const char *sender,
 {
     char prefix[PREFIX_MAX], okey[OKEY_MAX];
     cmd_t c;
-    if (user_prefix(prefix, sizeof prefix, who->user) < 0 ||
+    if (store_user_prefix(prefix, sizeof prefix, who->user) < 0 ||
         origin_key(okey, sizeof okey, sender, orig_id) < 0)
         return STORE_EREPLY;
-    req_t *rq = req_new(REQ_ACK, ud);
+    req_t *rq = store_req_new(REQ_ACK, ud);
     if (!rq)
         return STORE_ENOMEM;
     rq->cb.ack = cb;
-    cmd_evalsha(&c, st, STORE_SCRIPT_ACK, 1);
-    cmd_add(&c, prefix);
-    cmd_add(&c, who->device);
-    cmd_add_num(&c, who->now_ms);
-    cmd_add(&c, "orig");
-    cmd_add(&c, okey);
-    return send_argv(st, rq, c.argc, c.argv, c.lens);
+    store_cmd_evalsha(&c, st, STORE_SCRIPT_ACK, 1);
+    store_cmd_add(&c, prefix);
+    store_cmd_add(&c, who->device);
+    store_cmd_add_num(&c, who->now_ms);
+    store_cmd_add(&c, "orig");
+    store_cmd_add(&c, okey);
+    return store_send(st, rq, &c);
+}
+
+/* Presence changes and bounces keep the online index in step with the registry (REQ_REGISTRY). */
+static req_t *registry_req(const char *user, store_done_cb cb, void *ud)
+{
+    req_t *rq = store_req_new(REQ_REGISTRY, ud);
+    if (rq && !(rq->user = strdup(user))) {
+        free(rq);
+        return NULL;
+    }
+    if (rq)
+        rq->cb.done = cb;
+    return rq;
 }
 
 int store_bounce(store_t *st, const char *user, const char *resource, store_done_cb cb, void *ud)
 {
     char prefix[PREFIX_MAX];
     cmd_t c;
-    if (user_prefix(prefix, sizeof prefix, user) < 0)
+    if (store_user_prefix(prefix, sizeof prefix, user) < 0)
         return STORE_EREPLY;
-    req_t *rq = req_new(REQ_DONE, ud);
+    req_t *rq = registry_req(user, cb, ud);
     if (!rq)
         return STORE_ENOMEM;
-    rq->cb.done = cb;
-    cmd_evalsha(&c, st, STORE_SCRIPT_BOUNCE, 2);
-    cmd_add(&c, prefix);
-    cmd_add(&c, KEY_ONLINE);
-    cmd_add(&c, user);
-    cmd_add(&c, resource);
-    return send_argv(st, rq, c.argc, c.argv, c.lens);
+    store_cmd_evalsha(&c, st, STORE_SCRIPT_BOUNCE, 1);
+    store_cmd_add(&c, prefix);
+    store_cmd_add(&c, user);
+    store_cmd_add(&c, resource);
+    return store_send(st, rq, &c);
 }
 
 int store_presence(store_t *st, store_presence_op_t op, const char *user, const char *resource,
@@ -889,61 +777,47 @@ int store_presence(store_t *st, store_presence_op_t op, const char *user, const 
     static const char *const ops[] = {"set", "del", "verify"};
     char prefix[PREFIX_MAX];
     cmd_t c;
-    if (user_prefix(prefix, sizeof prefix, user) < 0)
+    if (store_user_prefix(prefix, sizeof prefix, user) < 0)
         return STORE_EREPLY;
-    req_t *rq = req_new(REQ_DONE, ud);
+    req_t *rq = registry_req(user, cb, ud);
     if (!rq)
         return STORE_ENOMEM;
-    rq->cb.done = cb;
-    cmd_evalsha(&c, st, STORE_SCRIPT_PRESENCE, 2);
-    cmd_add(&c, prefix);
-    cmd_add(&c, KEY_ONLINE);
-    cmd_add(&c, ops[op]);
-    cmd_add(&c, user);
-    cmd_add(&c, resource);
-    cmd_add_num(&c, now_ms);
-    return send_argv(st, rq, c.argc, c.argv, c.lens);
+    store_cmd_evalsha(&c, st, STORE_SCRIPT_PRESENCE, 1);
+    store_cmd_add(&c, prefix);
+    store_cmd_add(&c, ops[op]);
+    store_cmd_add(&c, user);
+    store_cmd_add(&c, resource);
+    store_cmd_add_num(&c, now_ms);
+    return store_send(st, rq, &c);
 }
 
-int store_presence_stale(store_t *st, unsigned max, store_items_cb cb, void *ud)
+void store_set_epoch(store_t *st, const char *epoch)
 {
-    cmd_t c;
-    req_t *rq = req_new(REQ_ITEMS, ud);
+    snprintf(st->epoch, sizeof st->epoch, "%s", epoch && *epoch ? epoch : "0");
+}
+
+int store_epoch_get(store_t *st, store_string_cb cb, void *ud)
+{
+    cmd_t c = {0};
+    req_t *rq = store_req_new(REQ_VALUE, ud);
     if (!rq)
         return STORE_ENOMEM;
-    rq->cb.items = cb;
-    cmd_evalsha(&c, st, STORE_SCRIPT_STALE, 1);
-    cmd_add(&c, KEY_ONLINE);
-    cmd_add_num(&c, max);
-    return send_argv(st, rq, c.argc, c.argv, c.lens);
+    rq->cb.string = cb;
+    store_cmd_add(&c, "GET");
+    store_cmd_add(&c, KEY_EPOCH);
+    return store_send(st, rq, &c);
 }
 
 int store_epoch_next(store_t *st, store_epoch_cb cb, void *ud)
 {
     cmd_t c = {0};
-    req_t *rq = req_new(REQ_EPOCH, ud);
+    req_t *rq = store_req_new(REQ_EPOCH, ud);
     if (!rq)
         return STORE_ENOMEM;
     rq->cb.epoch = cb;
-    cmd_add(&c, "INCR");
-    cmd_add(&c, KEY_EPOCH);
-    return send_argv(st, rq, c.argc, c.argv, c.lens);
-}
-
-int store_claim_due(store_t *st, int64_t now_ms, int64_t retry_ms, unsigned max_users,
-                    store_due_cb cb, void *ud)
-{
-    cmd_t c;
-    req_t *rq = req_new(REQ_DUE, ud);
-    if (!rq)
-        return STORE_ENOMEM;
-    rq->cb.due = cb;
-    cmd_evalsha(&c, st, STORE_SCRIPT_DUE, 1);
-    cmd_add(&c, KEY_DUE);
-    cmd_add_num(&c, now_ms);
-    cmd_add_num(&c, retry_ms);
-    cmd_add_num(&c, max_users);
-    return send_argv(st, rq, c.argc, c.argv, c.lens);
+    store_cmd_add(&c, "INCR");
+    store_cmd_add(&c, KEY_EPOCH);
+    return store_send(st, rq, &c);
 }
 
 int store_summary(store_t *st, const store_device_t *who, unsigned max, store_summary_cb cb,
@@ -951,18 +825,18 @@ int store_summary(store_t *st, const store_device_t *who, unsigned max, store_su
 {
     char prefix[PREFIX_MAX];
     cmd_t c;
-    if (user_prefix(prefix, sizeof prefix, who->user) < 0)
+    if (store_user_prefix(prefix, sizeof prefix, who->user) < 0)
         return STORE_EREPLY;
-    req_t *rq = req_new(REQ_SUMMARY, ud);
+    req_t *rq = store_req_new(REQ_SUMMARY, ud);
     if (!rq)
         return STORE_ENOMEM;
     rq->cb.summary = cb;
-    cmd_evalsha(&c, st, STORE_SCRIPT_SUMMARY, 1);
-    cmd_add(&c, prefix);
-    cmd_add(&c, who->device);
-    cmd_add_num(&c, who->now_ms);
-    cmd_add_num(&c, max);
-    return send_argv(st, rq, c.argc, c.argv, c.lens);
+    store_cmd_evalsha(&c, st, STORE_SCRIPT_SUMMARY, 1);
+    store_cmd_add(&c, prefix);
+    store_cmd_add(&c, who->device);
+    store_cmd_add_num(&c, who->now_ms);
+    store_cmd_add_num(&c, max);
+    return store_send(st, rq, &c);
 }
 
 int store_fetch(store_t *st, const store_device_t *who, uint64_t after_seq, unsigned max,
@@ -970,57 +844,21 @@ int store_fetch(store_t *st, const store_device_t *who, uint64_t after_seq, unsi
 {
     char prefix[PREFIX_MAX];
     cmd_t c;
-    if (user_prefix(prefix, sizeof prefix, who->user) < 0)
+    if (store_user_prefix(prefix, sizeof prefix, who->user) < 0)
         return STORE_EREPLY;
-    req_t *rq = req_new(REQ_FETCH, ud);
+    req_t *rq = store_req_new(REQ_FETCH, ud);
     if (!rq)
         return STORE_ENOMEM;
     rq->cb.fetch = cb;
-    cmd_evalsha(&c, st, STORE_SCRIPT_FETCH, 1);
-    cmd_add(&c, prefix);
-    cmd_add(&c, who->device);
-    cmd_add_num(&c, who->now_ms);
-    cmd_add_num(&c, (int64_t)after_seq);
-    cmd_add_num(&c, max);
-    cmd_add_num(&c, (int64_t)max_bytes);
-    cmd_add_num(&c, (int64_t)overhead);
-    return send_argv(st, rq, c.argc, c.argv, c.lens);
-}
-
-int store_archive_take(store_t *st, int64_t cutoff_ms, int64_t now_ms, unsigned max_users,
-                       unsigned max_msgs, store_old_cb cb, void *ud)
-{
-    cmd_t c;
-    req_t *rq = req_new(REQ_OLD, ud);
-    if (!rq)
-        return STORE_ENOMEM;
-    rq->cb.old = cb;
-    cmd_evalsha(&c, st, STORE_SCRIPT_ARCHIVE_TAKE, 1);
-    cmd_add(&c, KEY_ARCH);
-    cmd_add_num(&c, cutoff_ms);
-    cmd_add_num(&c, now_ms);
-    cmd_add_num(&c, max_users);
-    cmd_add_num(&c, max_msgs);
-    return send_argv(st, rq, c.argc, c.argv, c.lens);
-}
-
-int store_archive_drop(store_t *st, const char *user, int64_t now_ms, const char *const *sids,
-                       size_t n, store_done_cb cb, void *ud)
-{
-    char prefix[PREFIX_MAX];
-    cmd_t c;
-    if (user_prefix(prefix, sizeof prefix, user) < 0)
-        return STORE_EREPLY;
-    req_t *rq = req_new(REQ_DONE, ud);
-    if (!rq)
-        return STORE_ENOMEM;
-    rq->cb.done = cb;
-    cmd_evalsha(&c, st, STORE_SCRIPT_ARCHIVE_DROP, 2);
-    cmd_add(&c, prefix);
-    cmd_add(&c, KEY_ARCH);
-    cmd_add(&c, user);
-    cmd_add_num(&c, now_ms);
-    return send_with_list(st, rq, &c, sids, n);
+    store_cmd_evalsha(&c, st, STORE_SCRIPT_FETCH, 1);
+    store_cmd_add(&c, prefix);
+    store_cmd_add(&c, who->device);
+    store_cmd_add_num(&c, who->now_ms);
+    store_cmd_add_num(&c, (int64_t)after_seq);
+    store_cmd_add_num(&c, max);
+    store_cmd_add_num(&c, (int64_t)max_bytes);
+    store_cmd_add_num(&c, (int64_t)overhead);
+    return store_send(st, rq, &c);
 }
 
 int store_activity(store_t *st, const char *user, int64_t now_ms, int64_t forget_ms,
@@ -1028,19 +866,18 @@ int store_activity(store_t *st, const char *user, int64_t now_ms, int64_t forget
 {
     char prefix[PREFIX_MAX];
     cmd_t c;
-    if (user_prefix(prefix, sizeof prefix, user) < 0)
+    if (store_user_prefix(prefix, sizeof prefix, user) < 0)
         return STORE_EREPLY;
-    req_t *rq = req_new(REQ_FLAG, ud);
+    req_t *rq = store_req_new(REQ_FLAG, ud);
     if (!rq)
         return STORE_ENOMEM;
     rq->cb.flag = cb;
-    cmd_evalsha(&c, st, STORE_SCRIPT_ACTIVITY, 2);
-    cmd_add(&c, prefix);
-    cmd_add(&c, KEY_ACT);
-    cmd_add(&c, user);
-    cmd_add_num(&c, now_ms);
-    cmd_add_num(&c, forget_ms);
-    return send_argv(st, rq, c.argc, c.argv, c.lens);
+    store_index_user(st, user, "active", now_ms);
+    store_cmd_evalsha(&c, st, STORE_SCRIPT_ACTIVITY, 1);
+    store_cmd_add(&c, prefix);
+    store_cmd_add_num(&c, now_ms);
+    store_cmd_add_num(&c, forget_ms);
+    return store_send(st, rq, &c);
 }
 
 int store_restore(store_t *st, const store_user_state_t *s, int64_t now_ms, store_done_cb cb,
@@ -1048,70 +885,29 @@ int store_restore(store_t *st, const store_user_state_t *s, int64_t now_ms, stor
 {
     char prefix[PREFIX_MAX];
     cmd_t c;
-    if (user_prefix(prefix, sizeof prefix, s->user) < 0)
+    if (store_user_prefix(prefix, sizeof prefix, s->user) < 0)
         return STORE_EREPLY;
-    req_t *rq = req_new(REQ_DONE, ud);
+    req_t *rq = store_req_new(REQ_DONE, ud);
     if (!rq)
         return STORE_ENOMEM;
     rq->cb.done = cb;
-    cmd_evalsha(&c, st, STORE_SCRIPT_RESTORE, 2);
-    cmd_add(&c, prefix);
-    cmd_add(&c, KEY_ACT);
-    cmd_add(&c, s->user);
-    cmd_add_num(&c, (int64_t)s->seq);
-    cmd_add_num(&c, now_ms);
-    cmd_add(&c, s->archived ? "1" : "0");
-    return send_with_list(st, rq, &c, s->devices, 2 * s->ndevices);
-}
-
-int store_evict_take(store_t *st, int64_t cutoff_ms, int64_t now_ms, unsigned max_users,
-                     unsigned max_msgs, store_evict_cb cb, void *ud)
-{
-    cmd_t c;
-    req_t *rq = req_new(REQ_EVICT, ud);
-    if (!rq)
-        return STORE_ENOMEM;
-    rq->cb.evict = cb;
-    cmd_evalsha(&c, st, STORE_SCRIPT_EVICT_TAKE, 1);
-    cmd_add(&c, KEY_ACT);
-    cmd_add_num(&c, cutoff_ms);
-    cmd_add_num(&c, now_ms);
-    cmd_add_num(&c, max_users);
-    cmd_add_num(&c, max_msgs);
-    return send_argv(st, rq, c.argc, c.argv, c.lens);
-}
-
-int store_evict_drop(store_t *st, const char *user, bool evict, const char *const *sids, size_t n,
-                     store_flag_cb cb, void *ud)
-{
-    char prefix[PREFIX_MAX];
-    cmd_t c;
-    if (user_prefix(prefix, sizeof prefix, user) < 0)
-        return STORE_EREPLY;
-    req_t *rq = req_new(REQ_FLAG, ud);
-    if (!rq)
-        return STORE_ENOMEM;
-    rq->cb.flag = cb;
-    cmd_evalsha(&c, st, STORE_SCRIPT_EVICT_DROP, 5);
-    cmd_add(&c, prefix);
-    cmd_add(&c, KEY_ACT);
-    cmd_add(&c, KEY_ARCH);
-    cmd_add(&c, KEY_DUE);
-    cmd_add(&c, KEY_ONLINE);
-    cmd_add(&c, user);
-    cmd_add(&c, evict ? "1" : "0");
-    return send_with_list(st, rq, &c, sids, n);
+    store_index_user(st, s->user, "restored", now_ms);
+    store_cmd_evalsha(&c, st, STORE_SCRIPT_RESTORE, 1);
+    store_cmd_add(&c, prefix);
+    store_cmd_add_num(&c, (int64_t)s->seq);
+    store_cmd_add(&c, s->archived ? "1" : "0");
+    return store_send_list(st, rq, &c, s->devices, 2 * s->ndevices);
 }
 
 int store_config_get(store_t *st, const char *param, store_string_cb cb, void *ud)
 {
     cmd_t c = {0};
-    req_t *rq = req_new(REQ_STRING, ud);
+    req_t *rq = store_req_new(REQ_STRING, ud);
     if (!rq)
         return STORE_ENOMEM;
     rq->cb.string = cb;
-    cmd_add(&c, "CONFIG");
-    cmd_add(&c, "GET");
-    cmd_add(&c, param);
-    return send_argv(st, rq, c.argc, c.argv, c.lens);
+    store_cmd_add(&c, "CONFIG");
+    store_cmd_add(&c, "GET");
+    store_cmd_add(&c, param);
+    return store_send(st, rq, &c);
 }

@@ -117,11 +117,16 @@ int store_bounce(store_t *st, const char *user, const char *resource, store_done
 typedef enum { STORE_PRESENCE_SET, STORE_PRESENCE_DEL, STORE_PRESENCE_VERIFY } store_presence_op_t;
 int store_presence(store_t *st, store_presence_op_t op, const char *user, const char *resource,
                    int64_t now_ms, store_done_cb cb, void *ud);
-/* Resources registered under an older epoch, as (user, resource) pairs in items[i].sid/.blob. */
-int store_presence_stale(store_t *st, unsigned max, store_items_cb cb, void *ud);
+/* Resources registered under an older epoch than the store's (to ping): called once per user
+ * with some, then once with last = true. */
+typedef void (*store_stale_cb)(void *ud, int err, const char *user, const char *const *resources,
+                               size_t n, bool last);
+int store_presence_stale(store_t *st, store_stale_cb cb, void *ud);
 /* INCR of the link epoch; the new value as a decimal string. */
 typedef void (*store_epoch_cb)(void *ud, int err, const char *epoch);
 int store_epoch_next(store_t *st, store_epoch_cb cb, void *ud);
+/* The epoch every script runs with (decides who is online); "0" matches nobody. */
+void store_set_epoch(store_t *st, const char *epoch);
 
 /* --- retransmission ---------------------------------------------------------------------------- */
 typedef struct store_due {
@@ -130,7 +135,9 @@ typedef struct store_due {
     store_item_t *items;
     size_t nitems;
 } store_due_t;
-typedef void (*store_due_cb)(void *ud, int err, const store_due_t *due, size_t n);
+/* Called once per user with something to resend (its groups, one per resource), then once with
+ * last = true (err says whether the whole sweep went through). */
+typedef void (*store_due_cb)(void *ud, int err, const store_due_t *due, size_t n, bool last);
 int store_claim_due(store_t *st, int64_t now_ms, int64_t retry_ms, unsigned max_users,
                     store_due_cb cb, void *ud);
 
@@ -163,14 +170,16 @@ typedef struct store_old {
     store_old_msg_t *msgs;
     size_t n; /* 0: nothing to move yet; drop with no sids to re-index the user */
 } store_old_t;
-typedef void (*store_old_cb)(void *ud, int err, const store_old_t *users, size_t n);
+/* Called once per user, then once with user NULL and last = true. */
+typedef void (*store_old_cb)(void *ud, int err, const store_old_t *user, bool last);
 /* Reads (does not remove) up to max_msgs of the oldest messages stamped before cutoff_ms of up to
- * max_users users, and marks those users as having an archive. */
-int store_archive_take(store_t *st, int64_t cutoff_ms, int64_t now_ms, unsigned max_users,
-                       unsigned max_msgs, store_old_cb cb, void *ud);
+ * max_users users per index shard, and marks those users as having an archive. The users are
+ * leased until lease_ms (no other instance takes them before); pass the same lease to drop. */
+int store_archive_take(store_t *st, int64_t cutoff_ms, int64_t now_ms, int64_t lease_ms,
+                       unsigned max_users, unsigned max_msgs, store_old_cb cb, void *ud);
 /* Removes sids, now safely in the archive, and re-indexes the user for the next pass. */
-int store_archive_drop(store_t *st, const char *user, int64_t now_ms, const char *const *sids,
-                       size_t n, store_done_cb cb, void *ud);
+int store_archive_drop(store_t *st, const char *user, int64_t now_ms, int64_t lease_ms,
+                       const char *const *sids, size_t n, store_done_cb cb, void *ud);
 
 /* --- activity and eviction --------------------------------------------------------------------
  * Users with no presence or IQ for a while have all their Redis state moved to the archive
@@ -197,17 +206,21 @@ typedef struct store_evictee {
     store_old_msg_t *msgs;
     size_t n;
 } store_evictee_t;
-typedef void (*store_evict_cb)(void *ud, int err, const store_evictee_t *users, size_t n);
-/* Users inactive since cutoff_ms with nobody online, with up to max_msgs of their messages. */
-int store_evict_take(store_t *st, int64_t cutoff_ms, int64_t now_ms, unsigned max_users,
-                     unsigned max_msgs, store_evict_cb cb, void *ud);
+/* Called once per user to evict, then once with user NULL and last = true. */
+typedef void (*store_evict_cb)(void *ud, int err, const store_evictee_t *user, bool last);
+/* Users inactive since cutoff_ms with nobody online, with up to max_msgs of their messages;
+ * leased as for store_archive_take. */
+int store_evict_take(store_t *st, int64_t cutoff_ms, int64_t now_ms, int64_t lease_ms,
+                     unsigned max_users, unsigned max_msgs, store_evict_cb cb, void *ud);
 /* Deletes sids (now in the archive) and, with evict, the whole user when nothing is left and
  * nobody came online meanwhile; flag: the user was evicted. */
-int store_evict_drop(store_t *st, const char *user, bool evict, const char *const *sids, size_t n,
-                     store_flag_cb cb, void *ud);
+int store_evict_drop(store_t *st, const char *user, bool evict, int64_t now_ms, int64_t lease_ms,
+                     const char *const *sids, size_t n, store_flag_cb cb, void *ud);
 
 /* --- raw: INFO persistence and friends, for the startup durability warning -------------------- */
 typedef void (*store_string_cb)(void *ud, int err, const char *str);
 int store_config_get(store_t *st, const char *param, store_string_cb cb, void *ud);
+/* The current value of the link epoch in Redis (NULL before any attach). */
+int store_epoch_get(store_t *st, store_string_cb cb, void *ud);
 
 #endif

@@ -61,7 +61,7 @@ static unsigned next(void)
     return (unsigned)(rng >> 33);
 }
 
-typedef enum { P_PUT, P_ITEMS, P_ACK, P_DONE, P_EPOCH, P_SUMMARY, P_FETCH, P_FLAG } pending_kind_t;
+typedef enum { P_PUT, P_ITEMS, P_ACK, P_DONE, P_EPOCH, P_SUMMARY, P_FETCH, P_FLAG, P_STALE } pending_kind_t;
 typedef struct pending {
     pending_kind_t kind;
     void *cb, *ud;
@@ -130,6 +130,11 @@ static void run_pending(void)
                 ((store_done_cb)p.cb)(p.ud, err);
             break;
         case P_EPOCH: ((store_epoch_cb)p.cb)(p.ud, err, err ? NULL : "7"); break;
+        case P_STALE:
+            if (!err)
+                ((store_stale_cb)p.cb)(p.ud, 0, "bob@localhost", resources, next() % 3, false);
+            ((store_stale_cb)p.cb)(p.ud, err, NULL, NULL, 0, true);
+            break;
         case P_FLAG:
             if (p.cb)
                 ((store_flag_cb)p.cb)(p.ud, err, next() % 2);
@@ -165,8 +170,8 @@ int store_presence(store_t *st, store_presence_op_t op, const char *user, const 
                    int64_t now_ms, store_done_cb cb, void *ud)
 { (void)st; (void)op; (void)user; (void)resource; (void)now_ms;
   return enqueue(P_DONE, (void *)cb, ud); }
-int store_presence_stale(store_t *st, unsigned max, store_items_cb cb, void *ud)
-{ (void)st; (void)max; return enqueue(P_ITEMS, (void *)cb, ud); }
+int store_presence_stale(store_t *st, store_stale_cb cb, void *ud)
+{ (void)st; return enqueue(P_STALE, (void *)cb, ud); }
 int store_summary(store_t *st, const store_device_t *who, unsigned max, store_summary_cb cb,
                   void *ud)
 { (void)st; (void)who; (void)max; return enqueue(P_SUMMARY, (void *)cb, ud); }

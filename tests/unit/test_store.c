@@ -129,15 +129,39 @@ static void on_ack(void *ud, int err, const store_ack_result_t *res)
     on_items(ud, err, err ? NULL : res->items, err ? 0 : res->n);
 }
 
+/* Sweeps call back once per user, then once with last: the counters are reset by the caller. */
 static size_t due_users, due_items;
-static void on_due(void *ud, int err, const store_due_t *due, size_t n)
+static void on_due(void *ud, int err, const store_due_t *due, size_t n, bool last)
 {
     (void)ud;
-    due_users = err ? 999 : n;
-    due_items = 0;
+    if (err)
+        due_users = 999;
+    due_users += n; /* groups: one per resource */
     for (size_t i = 0; i < n; i++)
         due_items += due[i].nitems;
-    done = 1;
+    if (last)
+        done = 1;
+}
+
+static int claim_due(int64_t now)
+{
+    due_users = due_items = 0;
+    int rc = store_claim_due(st, now, 100, 10, on_due, NULL);
+    if (rc == 0)
+        run_until_done();
+    return rc;
+}
+
+static size_t stale_n;
+static void on_stale(void *ud, int err, const char *user, const char *const *res, size_t n,
+                     bool last)
+{
+    (void)ud;
+    (void)user;
+    (void)res;
+    stale_n += err ? 999 : n;
+    if (last)
+        done = 1;
 }
 
 static void on_done(void *ud, int err)
@@ -151,6 +175,9 @@ static void on_epoch(void *ud, int err, const char *e)
 {
     (void)ud;
     snprintf(epoch, sizeof epoch, "%s", err ? "" : e);
+    /* As the daemon does: scripts run with the epoch of the latest attach. */
+    if (!err && ud != (void *)1)
+        store_set_epoch(st, e);
     done = 1;
 }
 
@@ -248,16 +275,13 @@ static void test_live_and_due(void)
     CHECK(put_res.status == STORE_PUT_LIVE && put_sid[0] == '\0');
 
     /* Due after retry (100 ms): resent. */
-    CHECK(store_claim_due(st, 10150, 100, 10, on_due, NULL) == 0);
-    run_until_done();
+    CHECK(claim_due(10150) == 0);
     CHECK(due_users == 1 && due_items == 1);
     /* Not yet due again. */
-    CHECK(store_claim_due(st, 10200, 100, 10, on_due, NULL) == 0);
-    run_until_done();
+    CHECK(claim_due(10200) == 0);
     CHECK(due_users == 0);
     /* Past the delivery window (1000 ms): moved to the offline queue, not resent. */
-    CHECK(store_claim_due(st, 11100, 100, 10, on_due, NULL) == 0);
-    run_until_done();
+    CHECK(claim_due(11100) == 0);
     CHECK(due_users == 0);
     CHECK(store_summary(st, &carol_tab, 0, on_summary, NULL) == 0);
     run_until_done();
@@ -283,14 +307,16 @@ static void test_live_and_due(void)
     CHECK(store_epoch_next(st, on_epoch, NULL) == 0);
     run_until_done();
     CHECK(strcmp(old, epoch) != 0);
-    CHECK(store_presence_stale(st, 100, on_items, NULL) == 0);
+    stale_n = 0;
+    CHECK(store_presence_stale(st, on_stale, NULL) == 0);
     run_until_done();
-    CHECK(items_n == 1);
+    CHECK(stale_n == 1);
     CHECK(store_presence(st, STORE_PRESENCE_VERIFY, carol, "pc", 0, on_done, &err) == 0);
     run_until_done();
-    CHECK(store_presence_stale(st, 100, on_items, NULL) == 0);
+    stale_n = 0;
+    CHECK(store_presence_stale(st, on_stale, NULL) == 0);
     run_until_done();
-    CHECK(items_n == 0);
+    CHECK(stale_n == 0);
 }
 
 static int ack_ids(const store_device_t *who, const char *sid)
@@ -344,21 +370,18 @@ static void test_per_device(void)
     CHECK(summary_count(&c) == 1 && items_n == 1);
     CHECK(summary_count(&fresh) == 1);
     /* Both online resources are retransmitted to, one delivery each. */
-    CHECK(store_claim_due(st, 50150, 100, 10, on_due, NULL) == 0);
-    run_until_done();
+    CHECK(claim_due(50150) == 0);
     CHECK(due_users == 2 && due_items == 2);
     /* a acks: the receipt is relayed now, b is still owed its push. */
     CHECK(ack_ids(&a, sid) == 1);
     CHECK(summary_count(&a) == 0 && summary_count(&b) == 1);
-    CHECK(store_claim_due(st, 50300, 100, 10, on_due, NULL) == 0);
-    run_until_done();
+    CHECK(claim_due(50300) == 0);
     CHECK(due_users == 1 && due_items == 1);
     /* b acks by <received/>: no second receipt, no more pushes. */
     CHECK(store_ack_origin(st, &b, alice, "pd1", on_ack, NULL) == 0);
     run_until_done();
     CHECK(items_n == 0);
-    CHECK(store_claim_due(st, 50500, 100, 10, on_due, NULL) == 0);
-    run_until_done();
+    CHECK(claim_due(50500) == 0);
     CHECK(due_users == 0);
     /* c, offline all along, still fetches it; after c's ack it is gone for everyone. */
     CHECK(store_fetch(st, &c, 0, 10, 1 << 20, 0, on_fetch, NULL) == 0);
@@ -404,26 +427,32 @@ static store_old_t old_users[4];
 static store_old_msg_t old_msgs[16];
 static char old_store[16][3][128], old_user[4][64];
 static size_t old_n;
-static void on_old(void *ud, int err, const store_old_t *users, size_t n)
+static size_t old_k;
+static void on_old(void *ud, int err, const store_old_t *user, bool last)
 {
     (void)ud;
-    old_n = err ? (size_t)-1 : n;
-    size_t k = 0;
-    for (size_t i = 0; i < n && i < 4; i++) {
-        old_users[i] = users[i];
-        snprintf(old_user[i], sizeof old_user[i], "%s", users[i].user);
-        old_users[i].user = old_user[i];
-        old_users[i].msgs = &old_msgs[k];
-        for (size_t j = 0; j < users[i].n && k < 16; j++, k++) {
-            const store_old_msg_t *m = &users[i].msgs[j];
-            snprintf(old_store[k][0], 128, "%s", m->sid);
-            memcpy(old_store[k][1], m->blob, m->blob_len < 127 ? m->blob_len : 127);
-            snprintf(old_store[k][2], 128, "%s", m->acked);
-            old_msgs[k] = (store_old_msg_t){old_store[k][0], old_store[k][1], m->blob_len,
-                                            old_store[k][2], ""};
-        }
+    if (err)
+        old_n = (size_t)-1;
+    if (last) {
+        done = 1;
+        return;
     }
-    done = 1;
+    if (err || old_n >= 4)
+        return;
+    store_old_t *u = &old_users[old_n];
+    *u = *user;
+    snprintf(old_user[old_n], sizeof old_user[old_n], "%s", user->user);
+    u->user = old_user[old_n];
+    u->msgs = &old_msgs[old_k];
+    for (size_t j = 0; j < user->n && old_k < 16; j++, old_k++) {
+        const store_old_msg_t *m = &user->msgs[j];
+        snprintf(old_store[old_k][0], 128, "%s", m->sid);
+        memcpy(old_store[old_k][1], m->blob, m->blob_len < 127 ? m->blob_len : 127);
+        snprintf(old_store[old_k][2], 128, "%s", m->acked);
+        old_msgs[old_k] = (store_old_msg_t){old_store[old_k][0], old_store[old_k][1], m->blob_len,
+                                            old_store[old_k][2], ""};
+    }
+    old_n++;
 }
 
 static archive_put_status_t put_evicted_status;
@@ -470,7 +499,8 @@ static void test_archive(void)
     CHECK(ack_ids(&e1, "0-none") == 0);
     CHECK(ack_ids(&e2, sids[0]) == 1);
     /* Cutoff 1001.5: only the first two are old enough. */
-    CHECK(store_archive_take(st, 1002, 5000, 10, 100, on_old, NULL) == 0);
+    old_n = old_k = 0;
+    CHECK(store_archive_take(st, 1002, 5000, 65000, 10, 100, on_old, NULL) == 0);
     run_until_done();
     size_t mine = (size_t)-1;
     for (size_t i = 0; i < old_n; i++)
@@ -493,7 +523,7 @@ static void test_archive(void)
         run_until_done();
         CHECK(rc == 0);
     }
-    CHECK(store_archive_drop(st, eve, 5000, drop, 2, on_archived, &rc) == 0);
+    CHECK(store_archive_drop(st, eve, 5000, 65000, drop, 2, on_archived, &rc) == 0);
     run_until_done();
     CHECK(rc == 0);
     /* Redis now holds only the third, and says the user has an archive. */
@@ -572,18 +602,17 @@ static void on_state_read(void *ud, int err, const store_user_state_t *state)
 static size_t evict_n, evict_msgs;
 static bool evict_complete;
 static uint64_t evict_seq;
-static void on_evict(void *ud, int err, const store_evictee_t *users, size_t n)
+static void on_evict(void *ud, int err, const store_evictee_t *u, bool last)
 {
     (void)ud;
-    evict_n = 0;
-    for (size_t i = 0; !err && i < n; i++)
-        if (strcmp(users[i].state.user, "fay@t1") == 0) {
-            evict_n++;
-            evict_msgs = users[i].n;
-            evict_complete = users[i].complete;
-            evict_seq = users[i].state.seq;
-        }
-    done = 1;
+    if (!err && u && strcmp(u->state.user, "fay@t1") == 0) {
+        evict_n++;
+        evict_msgs = u->n;
+        evict_complete = u->complete;
+        evict_seq = u->state.seq;
+    }
+    if (last)
+        done = 1;
 }
 
 /* An inactive user's whole state moves to the archive; its first activity brings the state
@@ -603,10 +632,12 @@ static void test_evict(void)
     snprintf(s2, sizeof s2, "%s", put_sid);
     const char *fay_sids[] = {s1, s2};
     /* Active since 2000: not evicted with a cutoff before that. */
-    CHECK(store_evict_take(st, 1999, 9000, 100, 100, on_evict, NULL) == 0);
+    evict_n = 0;
+    CHECK(store_evict_take(st, 1999, 9000, 69000, 100, 100, on_evict, NULL) == 0);
     run_until_done();
     CHECK(evict_n == 0);
-    CHECK(store_evict_take(st, 5000, 9000, 100, 100, on_evict, NULL) == 0);
+    evict_n = 0;
+    CHECK(store_evict_take(st, 5000, 9000, 69000, 100, 100, on_evict, NULL) == 0);
     run_until_done();
     CHECK(evict_n == 1 && evict_msgs == 2 && evict_complete && evict_seq == 2);
     store_user_state_t state = {fay, evict_seq, NULL, 0, true};
@@ -616,7 +647,7 @@ static void test_evict(void)
     CHECK(archive_evict(a, &state, msgs, 2, true, on_archived, &rc) == 0);
     run_until_done();
     CHECK(rc == 0);
-    CHECK(store_evict_drop(st, fay, true, fay_sids, 2, on_flag, NULL) == 0);
+    CHECK(store_evict_drop(st, fay, true, 9000, 69000, fay_sids, 2, on_flag, NULL) == 0);
     run_until_done();
     CHECK(flag_value); /* gone from Redis: a put now says cold */
     CHECK(store_activity(st, fay, 9500, 1000000, on_flag, NULL) == 0);

@@ -1,0 +1,121 @@
+/* Internals of storage/store.c shared with storage/sweep.c (the index sweeps); nothing else
+ * includes this. */
+#ifndef RECEIPTD_STORAGE_STORE_INTERNAL_H
+#define RECEIPTD_STORAGE_STORE_INTERNAL_H
+
+#include <hiredis/async.h>
+#include <hiredis/hiredis.h>
+#include <stdbool.h>
+
+#include "scripts.h"
+#include "slots.h"
+#include "store.h"
+
+struct store {
+    uv_loop_t *loop;
+    char *host;
+    int port;
+    char *socket;
+    char *password;
+    unsigned timeout_ms;
+    uv_timer_t watchdog;
+    uint64_t last_progress; /* loop time of the last reply, or of the first request in flight */
+    unsigned max_inflight;
+    redisAsyncContext *ac;
+    bool connected;
+    bool closing;
+    int timer_closed; /* how many of the two timers have closed */
+    uv_timer_t retry_timer;
+    unsigned backoff_ms;
+    unsigned inflight;
+    unsigned scripts_pending; /* SCRIPT LOAD replies still to come on this connection */
+    bool scripts_failed;
+    char load_error[128];
+    char sha[STORE_SCRIPT_COUNT][41];
+    store_state_cb on_state;
+    void *ud;
+    char epoch[24]; /* the link epoch every script gets as its first argument */
+};
+
+typedef enum {
+    REQ_PUT,
+    REQ_ITEMS,
+    REQ_ACK,
+    REQ_FLAG,
+    REQ_DONE,
+    REQ_EPOCH,
+    REQ_SUMMARY,
+    REQ_FETCH,
+    REQ_STRING,
+    REQ_VALUE, /* a plain string reply (or nil) */
+    REQ_REGISTRY, /* presence and bounce: keeps the online index in step */
+    REQ_IGNORE,
+    REQ_SWEEP /* storage/sweep.c */
+} req_kind_t;
+
+struct sweep;
+
+typedef struct req {
+    store_t *st;
+    req_kind_t kind;
+    union {
+        store_put_cb put;
+        store_items_cb items;
+        store_ack_cb ack;
+        store_flag_cb flag;
+        store_done_cb done;
+        store_epoch_cb epoch;
+        store_summary_cb summary;
+        store_fetch_cb fetch;
+        store_string_cb string;
+    } cb;
+    void *ud;
+    struct sweep *sweep; /* REQ_SWEEP */
+    int step;            /* REQ_SWEEP: which reply this is */
+    char *user;          /* REQ_SWEEP, REQ_REGISTRY: owned */
+    unsigned shard;
+} req_t;
+
+/* Most commands are an EVALSHA of short string arguments; this builds and sends one. args may
+ * hold up to 24 entries, plus an optional binary blob appended last. */
+#define MAX_ARGS 32
+typedef struct cmd {
+    const char *argv[MAX_ARGS];
+    size_t lens[MAX_ARGS];
+    int argc;
+    char nums[8][24];
+    int nnums;
+    int nkeys;
+    const char *epoch; /* still to add after the keys; NULL once added (or not a script) */
+} cmd_t;
+
+
+#define PREFIX_MAX 3200
+#define INDEX_KEY_MAX 32
+
+req_t *store_req_new(req_kind_t kind, void *ud);
+void store_req_free(req_t *rq); /* NULL is fine */
+void store_cmd_add(cmd_t *c, const char *s);
+void store_cmd_add_bin(cmd_t *c, const char *s, size_t n);
+void store_cmd_add_num(cmd_t *c, int64_t v);
+/* EVALSHA of script s with nkeys keys; the epoch goes in as the first argument after them. */
+void store_cmd_evalsha(cmd_t *c, store_t *st, store_script_t s, int nkeys);
+/* Adds the four index keys of a shard (due, online, arch, act); keys points at 4 buffers. */
+void store_cmd_add_index(cmd_t *c, unsigned shard, char keys[4][INDEX_KEY_MAX]);
+/* Sends c (then list[0..n)); rq is consumed either way. */
+int store_send(store_t *st, req_t *rq, cmd_t *c);
+int store_send_list(store_t *st, req_t *rq, cmd_t *c, const char *const *list, size_t n);
+int store_user_prefix(char *buf, size_t len, const char *user);
+bool store_reply_is_str(const redisReply *r);
+int store_reply_pairs(const redisReply *arr, size_t from, store_item_t **items, size_t *n);
+int store_reply_old_msgs(const redisReply *m, store_old_msg_t **out, size_t *n);
+
+/* storage/sweep.c: index writes (fire and forget), and the replies and failures of REQ_SWEEP
+ * requests. which: 1 due, 3 arch, 4 act (the index scripts' KEYS order). */
+void store_index_put(store_t *st, const char *user, int64_t due, int64_t now);
+void store_index_set(store_t *st, const char *user, int which, int64_t score, int64_t lease);
+void store_index_user(store_t *st, const char *user, const char *op, int64_t now);
+int sweep_on_reply(req_t *rq, const redisReply *r);
+void sweep_on_fail(req_t *rq, int err);
+
+#endif
