@@ -170,6 +170,7 @@ int store_presence(store_t *st, store_presence_op_t op, const char *user, const 
                    int64_t now_ms, store_done_cb cb, void *ud)
 { (void)st; (void)op; (void)user; (void)resource; (void)now_ms;
   return enqueue(P_DONE, (void *)cb, ud); }
+void store_set_epoch(store_t *st, const char *epoch) { (void)st; (void)epoch; }
 int store_presence_stale(store_t *st, store_stale_cb cb, void *ud)
 { (void)st; return enqueue(P_STALE, (void *)cb, ud); }
 int store_summary(store_t *st, const store_device_t *who, unsigned max, store_summary_cb cb,
