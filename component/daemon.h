@@ -32,6 +32,7 @@ typedef struct daemon {
     store_t *store;     /* NULL once closed */
     archive_t *archive; /* NULL once closed */
     struct cold_user *cold; /* recipients waiting for their state (component/relay.c) */
+    uint64_t put_arrivals;  /* messages to store so far, numbering their arrival */
     uv_timer_t archive_timer;
     bool archive_inflight;
     uv_timer_t due_timer;

@@ -22,6 +22,7 @@ typedef struct put_ctx {
     bool is_receipt;
     bool restored;               /* the recipient's state was restored once already */
     struct put_ctx *next_cold;   /* queued behind a cold recipient (see put_cold) */
+    uint64_t arrival;            /* order of arrival, which the cold queue keeps */
     char recipient[PROTO_JID_MAX];
     char sender_bare[PROTO_JID_MAX];
     char sender_full[PROTO_JID_MAX];
@@ -31,6 +32,7 @@ typedef struct put_ctx {
 
 static void put_start(put_ctx_t *pc);
 static void put_cold(put_ctx_t *pc);
+static cold_user_t *cold_find(daemon_t *d, const char *user);
 static void cold_restore(daemon_t *d, cold_user_t *c);
 static void cold_remove_keep(daemon_t *d, cold_user_t *c);
 
@@ -135,6 +137,19 @@ static put_ctx_t *cold_pop(cold_user_t *c)
 
 static void cold_next(daemon_t *d, cold_user_t *c);
 
+/* In arrival order: a message sent to Redis before the queue existed comes back "cold" after
+ * later ones were already queued here, and must still go before them. */
+static void cold_insert(cold_user_t *c, put_ctx_t *pc)
+{
+    put_ctx_t **p = &c->head;
+    while (*p && (*p)->arrival < pc->arrival)
+        p = &(*p)->next_cold;
+    pc->next_cold = *p;
+    *p = pc;
+    if (!pc->next_cold)
+        c->tail = pc;
+}
+
 static void on_put_evicted(void *ud, int err, archive_put_status_t status, const char *sid)
 {
     cold_user_t *c = ud;
@@ -211,8 +226,7 @@ static void put_cold(put_ctx_t *pc)
     }
     cold_user_t *c = cold_find(d, pc->recipient);
     if (c) {
-        c->tail->next_cold = pc;
-        c->tail = pc;
+        cold_insert(c, pc);
         return;
     }
     if (!(c = calloc(1, sizeof *c))) {
@@ -279,6 +293,12 @@ done:
 static void put_start(put_ctx_t *pc)
 {
     daemon_t *d = pc->d;
+    cold_user_t *c = pc->restored ? NULL : cold_find(d, pc->recipient);
+    if (c) {
+        /* Its state is being looked up: wait in line, or this message would overtake those. */
+        cold_insert(c, pc);
+        return;
+    }
     store_put_t req = {
         .user = pc->recipient,
         .sender = pc->sender_bare,
@@ -319,6 +339,7 @@ static void relay_store(daemon_t *d, xmpp_stanza_t *msg, const char *recipient,
         goto oom;
     }
     pc->d = d;
+    pc->arrival = ++d->put_arrivals;
     pc->msg = xmpp_stanza_clone(msg);
     pc->track = track;
     pc->is_receipt = is_receipt;

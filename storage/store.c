@@ -636,6 +636,21 @@ int store_user_prefix(char *buf, size_t len, const char *user)
 
 #define OKEY_MAX 4200
 
+/* The common start of a per-user request: a request of kind for ud, and c set up as EVALSHA of
+ * script s with the user's key prefix (in prefix, PREFIX_MAX bytes) as its one key. Returns 0 or
+ * the error to hand back (nothing was allocated then). */
+static int user_cmd(store_t *st, req_kind_t kind, void *ud, store_script_t s, const char *user,
+                    char *prefix, cmd_t *c, req_t **out)
+{
+    if (store_user_prefix(prefix, PREFIX_MAX, user) < 0)
+        return STORE_EREPLY;
+    if (!(*out = store_req_new(kind, ud)))
+        return STORE_ENOMEM;
+    store_cmd_evalsha(c, st, s, 1);
+    store_cmd_add(c, prefix);
+    return 0;
+}
+
 int store_put_message(store_t *st, const store_put_t *p, store_put_cb cb, void *ud)
 {
     char prefix[PREFIX_MAX], suffix[9];
@@ -701,14 +716,11 @@ int store_ack_sids(store_t *st, const store_device_t *who, const char *const *si
 {
     char prefix[PREFIX_MAX];
     cmd_t c;
-    if (store_user_prefix(prefix, sizeof prefix, who->user) < 0)
-        return STORE_EREPLY;
-    req_t *rq = store_req_new(REQ_ACK, ud);
-    if (!rq)
-        return STORE_ENOMEM;
+    req_t *rq;
+    int rc = user_cmd(st, REQ_ACK, ud, STORE_SCRIPT_ACK, who->user, prefix, &c, &rq);
+    if (rc < 0)
+        return rc;
     rq->cb.ack = cb;
-    store_cmd_evalsha(&c, st, STORE_SCRIPT_ACK, 1);
-    store_cmd_add(&c, prefix);
     store_cmd_add(&c, who->device);
     store_cmd_add_num(&c, who->now_ms);
     store_cmd_add(&c, "sid");
@@ -825,14 +837,11 @@ int store_summary(store_t *st, const store_device_t *who, unsigned max, store_su
 {
     char prefix[PREFIX_MAX];
     cmd_t c;
-    if (store_user_prefix(prefix, sizeof prefix, who->user) < 0)
-        return STORE_EREPLY;
-    req_t *rq = store_req_new(REQ_SUMMARY, ud);
-    if (!rq)
-        return STORE_ENOMEM;
+    req_t *rq;
+    int rc = user_cmd(st, REQ_SUMMARY, ud, STORE_SCRIPT_SUMMARY, who->user, prefix, &c, &rq);
+    if (rc < 0)
+        return rc;
     rq->cb.summary = cb;
-    store_cmd_evalsha(&c, st, STORE_SCRIPT_SUMMARY, 1);
-    store_cmd_add(&c, prefix);
     store_cmd_add(&c, who->device);
     store_cmd_add_num(&c, who->now_ms);
     store_cmd_add_num(&c, max);
@@ -844,14 +853,11 @@ int store_fetch(store_t *st, const store_device_t *who, uint64_t after_seq, unsi
 {
     char prefix[PREFIX_MAX];
     cmd_t c;
-    if (store_user_prefix(prefix, sizeof prefix, who->user) < 0)
-        return STORE_EREPLY;
-    req_t *rq = store_req_new(REQ_FETCH, ud);
-    if (!rq)
-        return STORE_ENOMEM;
+    req_t *rq;
+    int rc = user_cmd(st, REQ_FETCH, ud, STORE_SCRIPT_FETCH, who->user, prefix, &c, &rq);
+    if (rc < 0)
+        return rc;
     rq->cb.fetch = cb;
-    store_cmd_evalsha(&c, st, STORE_SCRIPT_FETCH, 1);
-    store_cmd_add(&c, prefix);
     store_cmd_add(&c, who->device);
     store_cmd_add_num(&c, who->now_ms);
     store_cmd_add_num(&c, (int64_t)after_seq);
@@ -866,15 +872,12 @@ int store_activity(store_t *st, const char *user, int64_t now_ms, int64_t forget
 {
     char prefix[PREFIX_MAX];
     cmd_t c;
-    if (store_user_prefix(prefix, sizeof prefix, user) < 0)
-        return STORE_EREPLY;
-    req_t *rq = store_req_new(REQ_FLAG, ud);
-    if (!rq)
-        return STORE_ENOMEM;
+    req_t *rq;
+    int rc = user_cmd(st, REQ_FLAG, ud, STORE_SCRIPT_ACTIVITY, user, prefix, &c, &rq);
+    if (rc < 0)
+        return rc;
     rq->cb.flag = cb;
     store_index_user(st, user, "active", now_ms);
-    store_cmd_evalsha(&c, st, STORE_SCRIPT_ACTIVITY, 1);
-    store_cmd_add(&c, prefix);
     store_cmd_add_num(&c, now_ms);
     store_cmd_add_num(&c, forget_ms);
     return store_send(st, rq, &c);
@@ -885,15 +888,12 @@ int store_restore(store_t *st, const store_user_state_t *s, int64_t now_ms, stor
 {
     char prefix[PREFIX_MAX];
     cmd_t c;
-    if (store_user_prefix(prefix, sizeof prefix, s->user) < 0)
-        return STORE_EREPLY;
-    req_t *rq = store_req_new(REQ_DONE, ud);
-    if (!rq)
-        return STORE_ENOMEM;
+    req_t *rq;
+    int rc = user_cmd(st, REQ_DONE, ud, STORE_SCRIPT_RESTORE, s->user, prefix, &c, &rq);
+    if (rc < 0)
+        return rc;
     rq->cb.done = cb;
     store_index_user(st, s->user, "restored", now_ms);
-    store_cmd_evalsha(&c, st, STORE_SCRIPT_RESTORE, 1);
-    store_cmd_add(&c, prefix);
     store_cmd_add_num(&c, (int64_t)s->seq);
     store_cmd_add(&c, s->archived ? "1" : "0");
     return store_send_list(st, rq, &c, s->devices, 2 * s->ndevices);

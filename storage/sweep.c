@@ -184,33 +184,43 @@ int store_presence_stale(store_t *st, store_stale_cb cb, void *ud)
     return sweep_start(sw);
 }
 
-int store_archive_take(store_t *st, int64_t cutoff_ms, int64_t now_ms, int64_t lease_ms,
-                       unsigned max_users, unsigned max_msgs, store_old_cb cb, void *ud)
+/* The archive and eviction sweeps differ only in their index and per-user script. */
+static int take_sweep(store_t *st, sweep_kind_t kind, int64_t cutoff_ms, int64_t now_ms,
+                      int64_t lease_ms, unsigned max_users, unsigned max_msgs, sweep_t **out)
 {
-    sweep_t *sw = sweep_new(st, SW_ARCH, ud);
+    sweep_t *sw = sweep_new(st, kind, NULL);
     if (!sw)
         return st->connected ? STORE_ENOMEM : STORE_EDOWN;
-    sw->cb.old = cb;
     sw->limit = cutoff_ms;
     sw->now = now_ms;
     sw->lease = lease_ms;
     sw->max_users = max_users;
     sw->max_msgs = max_msgs;
+    *out = sw;
+    return 0;
+}
+
+int store_archive_take(store_t *st, int64_t cutoff_ms, int64_t now_ms, int64_t lease_ms,
+                       unsigned max_users, unsigned max_msgs, store_old_cb cb, void *ud)
+{
+    sweep_t *sw;
+    int rc = take_sweep(st, SW_ARCH, cutoff_ms, now_ms, lease_ms, max_users, max_msgs, &sw);
+    if (rc < 0)
+        return rc;
+    sw->cb.old = cb;
+    sw->ud = ud;
     return sweep_start(sw);
 }
 
 int store_evict_take(store_t *st, int64_t cutoff_ms, int64_t now_ms, int64_t lease_ms,
                      unsigned max_users, unsigned max_msgs, store_evict_cb cb, void *ud)
 {
-    sweep_t *sw = sweep_new(st, SW_EVICT, ud);
-    if (!sw)
-        return st->connected ? STORE_ENOMEM : STORE_EDOWN;
+    sweep_t *sw;
+    int rc = take_sweep(st, SW_EVICT, cutoff_ms, now_ms, lease_ms, max_users, max_msgs, &sw);
+    if (rc < 0)
+        return rc;
     sw->cb.evict = cb;
-    sw->limit = cutoff_ms;
-    sw->now = now_ms;
-    sw->lease = lease_ms;
-    sw->max_users = max_users;
-    sw->max_msgs = max_msgs;
+    sw->ud = ud;
     return sweep_start(sw);
 }
 
