@@ -212,7 +212,8 @@ static void check_done(client_t *c)
     bool done = false;
     switch (c->mode) {
     case MODE_SEND:
-        done = c->ping_back && (!c->count_stored || c->stored >= c->n);
+        /* an error answer also ends a message's wait, so a failing run ends at once */
+        done = c->ping_back && (!c->count_stored || c->stored + c->errors >= c->n);
         break;
     case MODE_FLOOD:
         done = c->received >= c->n;
