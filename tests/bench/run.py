@@ -270,7 +270,7 @@ def retrieval_run(q, fsync, senders_online=False, perf_data=None):
         sampler = Sampler(rd.pid)
         sampler.start()
         if perf_data:
-            perf = subprocess.Popen(["perf", "record", "-F", "499", "-g", "-o", perf_data, "-p",
+            perf = subprocess.Popen(["perf", "record", "-F", "499", "-o", perf_data, "-p",
                                      "%d,%d" % (rd.pid, redis.proc.pid)],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1)
@@ -699,7 +699,7 @@ def main():
     if prof:
         lines += ["", "## Profile of the retrieval (target missed)", "",
                   "One more retrieval of Q=%d (not among the figures; %.0f msg/s under perf), "
-                  "`perf record -F 499 -g` on receiptd and Redis together, `perf report "
+                  "`perf record -F 499` on receiptd and Redis (and its AOF rewrite children) together, `perf report "
                   "--no-children`: share per process, then the hottest symbols." % prof[:2], "",
                   "```"] + prof[2] + [""] + prof[3] + ["```"]
     text = "\n".join(lines) + "\n"
