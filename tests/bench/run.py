@@ -329,7 +329,8 @@ def profile(perf_data):
         r = subprocess.run(["perf", "report", "-i", perf_data, "--stdio", "--no-children",
                             "-g", "none", "--percent-limit", "1.5", "--sort", ",".join(sort)],
                            capture_output=True, text=True)
-        return [ln.rstrip() for ln in r.stdout.splitlines() if ln.strip() and not ln.startswith("#")]
+        return [ln.rstrip() for ln in r.stdout.splitlines()
+                if ln.strip() and not ln.startswith("#")]
     return report("comm")[:4], report("comm", "sym")[:18]
 
 
@@ -387,7 +388,8 @@ def sbs_run(n, fsync, nagle, flip):
         port = prosody.c2s_port
         for k in order:
             if k == "a":
-                res["a_store"] = c2s(port, "alice", "--send", n, "--to", "bob@%s" % harness.USER_DOMAIN)
+                res["a_store"] = c2s(port, "alice", "--send", n, "--to",
+                                     "bob@%s" % harness.USER_DOMAIN)
             else:
                 res["b_store"] = c2s(port, "alice", "--send", n, "--to", relay, "--count-stored")
         for k in order:
@@ -699,8 +701,9 @@ def main():
     if prof:
         lines += ["", "## Profile of the retrieval (target missed)", "",
                   "One more retrieval of Q=%d (not among the figures; %.0f msg/s under perf), "
-                  "`perf record -F 499` on receiptd and Redis (and its AOF rewrite children) together, `perf report "
-                  "--no-children`: share per process, then the hottest symbols." % prof[:2], "",
+                  "`perf record -F 499` on receiptd and Redis (with its AOF rewrite children), "
+                  "`perf report --no-children`: share per process, then the hottest symbols."
+                  % prof[:2], "",
                   "```"] + prof[2] + [""] + prof[3] + ["```"]
     text = "\n".join(lines) + "\n"
     print(text)
