@@ -159,13 +159,18 @@ class Sampler(threading.Thread):
         return self.peak
 
 
+# Redis' own complaints, over all the Redis instances of the run: a slow disk shows here.
+REDIS_SLOW_FSYNC = []
+
+
 class Redis:
     def __init__(self, fsync):
         self.dir = tempfile.mkdtemp(prefix="receiptd-bench-redis-")
         self.port = free_port()
+        self.log = os.path.join(self.dir, "redis.log")
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
-             "--appendonly", "yes", "--appendfsync", fsync, "--save", ""],
+             "--appendonly", "yes", "--appendfsync", fsync, "--save", "", "--logfile", self.log],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for _ in range(100):
             if self.cli("ping").strip() == "PONG":
@@ -187,6 +192,11 @@ class Redis:
     def stop(self):
         self.proc.terminate()
         self.proc.wait()
+        try:
+            with open(self.log) as f:
+                REDIS_SLOW_FSYNC.extend(ln.strip() for ln in f if "fsync is taking too long" in ln)
+        except OSError:
+            pass
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -212,11 +222,13 @@ def store_run(n, rate, window, fsync):
     lg = subprocess.Popen([LOADGEN, "--port", str(port), "--secret", "bench", "-n", str(n),
                            "--window", str(window), "--rate", str(rate)],
                           stdout=subprocess.PIPE, text=True)
+    log = os.path.join(tmp, "log")
     lg.stdout.readline()  # "ready"
-    rd = subprocess.Popen([RECEIPTD, "-c", ini], stderr=open(os.path.join(tmp, "log"), "w"))
+    rd = subprocess.Popen([RECEIPTD, "-c", ini], stderr=open(log, "w"))
     time.sleep(0.2)
     rss_before = rss_kb(rd.pid)
     out = lg.stdout.read()
+    rd_log = harness.tail(log)
     rc = lg.wait()
     rss_after = rss_kb(rd.pid)
     cpu = proc_cpu(rd.pid)
@@ -228,10 +240,12 @@ def store_run(n, rate, window, fsync):
     redis.stop()
     shutil.rmtree(tmp, ignore_errors=True)
     if rc != 0 or "rate" not in fig:
-        raise BenchError("loadgen store run failed (exit %s): %s" % (rc, out))
+        raise BenchError("loadgen store run failed (exit %s): %s; receiptd log:\n%s"
+                         % (rc, out, rd_log))
     secs = float(fig["seconds"])
     return {
-        "rate": float(fig["rate"]), "p50": float(fig["p50_ms"]), "p99": float(fig["p99_ms"]),
+        "rate": float(fig["rate"]), "errors": int(fig["errors"]),
+        "p50": float(fig["p50_ms"]), "p99": float(fig["p99_ms"]),
         "p999": float(fig["p999_ms"]), "gen_cpu": pct(fig["gen_cpu"]),
         "rd_cpu": 100.0 * cpu / max(secs, 1e-9),
         "rss_before_mb": rss_before / 1024, "rss_after_mb": rss_after / 1024,
@@ -310,7 +324,8 @@ def retrieval_run(q, fsync, senders_online=False, perf_data=None):
     d = [b - a_ for a_, b in zip(cpu0, cpu1)]
     items = max(int(fig["items"]), 1)
     return {
-        "store_rate": float(queued["rate"]), "rate": float(fig["rate"]), "secs": secs,
+        "store_rate": float(queued["rate"]), "store_errors": int(queued["errors"]),
+        "rate": float(fig["rate"]), "secs": secs,
         "batches": int(fig["batches"]), "items": int(fig["items"]),
         "receipts": int(fig["receipts"]),
         "rss_before_mb": rss0 / 1024, "rss_queued_mb": rss1 / 1024, "rss_peak_mb": peak / 1024,
@@ -521,6 +536,9 @@ def main():
             "%.1f / %.1f / %.1f" % (med(fixed, "p50"), p99, med(fixed, "p999")),
             "p99 <= %d" % T_P99_MS, p99 <= T_P99_MS)
         row("store: rate reached at %d msg/s offered" % a.rate, show(fixed, "rate"))
+        row("store: error answers instead of <stored/> (saturation / fixed rate; each would be "
+            "retried by a client)", "%s / %s" % (show(sat, "errors"), show(fixed, "errors")),
+            "0", not any(r["errors"] for r in sat + fixed))
         row("store: receiptd RSS before / after (MB)", "%.1f / %.1f" % (
             med(sat, "rss_before_mb"), med(sat, "rss_after_mb")))
         row("store: CPU of receiptd / of the generator at saturation", "%.0f%% / %.0f%%" % (
@@ -556,7 +574,8 @@ def main():
             "< %d with 1000000 queued" % T_RSS_MB, rss_max < T_RSS_MB)
         row("retrieval: Redis used memory with Q=%d queued (MB; the queue lives there)" % a.queue,
             show(big, "redis_mb"))
-        row("retrieval: queueing rate of those Q (msg/s, one recipient)", show(big, "store_rate"))
+        row("retrieval: queueing rate of those Q (msg/s, one recipient) / error answers",
+            "%s / %s" % (show(big, "store_rate"), show(big, "store_errors")))
         row("retrieval: Redis AOF rewrites (forks) while retrieving Q=%d" % a.queue,
             show(big, "forks"))
         row("retrieval: Redis calls per retrieved message (EVALSHA / commands inside scripts)",
@@ -635,7 +654,8 @@ def main():
         "benchmark's used %.0f CPU-seconds (%.1f%% of the machine: noise in these figures);" % (
             others, 100 * others / (wall * os.cpu_count())),
         "interrupts (mostly the loopback TCP of the benchmark itself) %.0f s, the hypervisor" % irq,
-        "stole %.0f s." % steal,
+        "stole %.0f s. Redis logged a slow AOF fsync (disk busy) %d times." % (
+            steal, len(REDIS_SLOW_FSYNC)),
         "Redis AOF on, `appendfsync %s`, everywhere." % a.fsync,
         "",
         "| figure | value | target | |",
