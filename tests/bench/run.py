@@ -527,6 +527,10 @@ def main():
         sat = [store_run(a.n, 0, 2000, a.fsync) for _ in range(a.runs)]
         fixed = [store_run(min(a.n, a.rate * 5), a.rate, 100000, a.fsync) for _ in range(a.runs)]
         s_rate = med(sat, "rate")
+        # Latency means something only below capacity: also offer half the saturation rate.
+        half = max(1000, int(s_rate / 2000) * 1000)
+        say("store: %d runs at %d msg/s (half the saturation rate)" % (a.runs, half))
+        halfr = [store_run(min(a.n, half * 5), half, 100000, a.fsync) for _ in range(a.runs)]
         row("store: stored+acked msg/s at saturation (N=%d, window 2000)" % a.n,
             show(sat, "rate"), ">= %d" % T_STORE, s_rate >= T_STORE)
         row("store: store->ack p50 / p99 / p99.9 at saturation (ms)", "%.1f / %.1f / %.1f" % (
@@ -536,9 +540,14 @@ def main():
             "%.1f / %.1f / %.1f" % (med(fixed, "p50"), p99, med(fixed, "p999")),
             "p99 <= %d" % T_P99_MS, p99 <= T_P99_MS)
         row("store: rate reached at %d msg/s offered" % a.rate, show(fixed, "rate"))
-        row("store: error answers instead of <stored/> (saturation / fixed rate; each would be "
-            "retried by a client)", "%s / %s" % (show(sat, "errors"), show(fixed, "errors")),
-            "0", not any(r["errors"] for r in sat + fixed))
+        p99h = med(halfr, "p99")
+        row("store: store->ack p50 / p99 / p99.9 at %d msg/s offered, half the saturation rate "
+            "(ms)" % half, "%.1f / %.1f / %.1f" % (med(halfr, "p50"), p99h, med(halfr, "p999")),
+            "p99 <= %d" % T_P99_MS, p99h <= T_P99_MS)
+        row("store: error answers instead of <stored/> (saturation / %d offered / half rate; "
+            "a client would retry each)" % a.rate,
+            "%s / %s / %s" % (show(sat, "errors"), show(fixed, "errors"), show(halfr, "errors")),
+            "0", not any(r["errors"] for r in sat + fixed + halfr))
         row("store: receiptd RSS before / after (MB)", "%.1f / %.1f" % (
             med(sat, "rss_before_mb"), med(sat, "rss_after_mb")))
         row("store: CPU of receiptd / of the generator at saturation", "%.0f%% / %.0f%%" % (
@@ -665,7 +674,12 @@ def main():
     if "store" in parts:
         lines += ["- **store**: `loadgen` plays the XMPP server; %d receipt-requested messages "
                   "(~250-byte bodies) from 100 senders to 1000 offline recipients, at most 2000 "
-                  "unacknowledged; the rate counts `<stored/>` acks." % a.n]
+                  "unacknowledged; the rate counts `<stored/>` acks. The latency runs offer a "
+                  "fixed rate for 5 s with up to 100000 unacknowledged (`[redis] max_inflight = "
+                  "100000` in the bench config): offered above the saturation rate, the backlog "
+                  "only grows, so the %d msg/s row measures queueing (and, past the in-flight "
+                  "bound or a Redis silence of `[redis] timeout`, wait errors) rather than "
+                  "latency; the half-rate row is the latency below capacity." % (a.n, a.rate)]
     if "retrieval" in parts:
         lines += [
             "- **retrieval**: `loadgen --fetch` queues Q messages (its store phase, all for one "
