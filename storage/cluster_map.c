@@ -502,6 +502,8 @@ int cluster_parse_redirect(const char *err, size_t len, cluster_redirect_t *out)
     out->slot = 0;
     out->host[0] = '\0';
     out->port = 0;
+    if (!err)
+        return CLUSTER_REPLY_OTHER;
     if (len > 0 && err[0] == '-') {
         err++;
         len--;

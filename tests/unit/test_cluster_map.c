@@ -591,6 +591,197 @@ static void test_seeds(void)
     CHECK_STR(cluster_strerror(12345), "unknown error");
 }
 
+/* ---- against a real cluster (tests/unit/with-cluster.sh) ---------------------------------- */
+
+static redisContext *live_conn(cluster_node_t *n)
+{
+    /* The node's conn is the test's: a synchronous context opened on first use, which is what
+     * the store will do with an async one. */
+    if (!n->conn) {
+        redisContext *c = redisConnect(n->host, n->port);
+        CHECK(c && !c->err);
+        n->conn = c;
+    }
+    return n->conn;
+}
+
+static void live_close(void *ud, cluster_node_t *n)
+{
+    (void)ud;
+    if (n->conn)
+        redisFree(n->conn);
+    n->conn = NULL;
+}
+
+static redisReply *live_cmd(redisContext *c, int argc, const char **argv)
+{
+    redisReply *r = redisCommandArgv(c, argc, argv, NULL);
+    CHECK(r != NULL);
+    return r;
+}
+
+/* Every master line of CLUSTER NODES must agree with the map on each of its slots. */
+static void live_check_nodes(cluster_map_t *m, redisContext *c)
+{
+    redisReply *r = redisCommand(c, "CLUSTER NODES");
+    CHECK(r && r->type == REDIS_REPLY_STRING);
+    if (!r || r->type != REDIS_REPLY_STRING) {
+        freeReplyObject(r);
+        return;
+    }
+    unsigned covered = 0, wrong = 0;
+    char *save = NULL;
+    for (char *line = strtok_r(r->str, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
+        char *f[64], *save2 = NULL;
+        int nf = 0;
+        for (char *w = strtok_r(line, " ", &save2); w && nf < 64; w = strtok_r(NULL, " ", &save2))
+            f[nf++] = w;
+        if (nf < 8 || !strstr(f[2], "master"))
+            continue;
+        char *at = strchr(f[1], '@');
+        if (at)
+            *at = '\0';
+        int port = atoi(strrchr(f[1], ':') + 1);
+        for (int k = 8; k < nf; k++) {
+            if (f[k][0] == '[')
+                continue; /* a migration in progress, not ownership */
+            unsigned a, b;
+            if (sscanf(f[k], "%u-%u", &a, &b) != 2)
+                b = a = (unsigned)atoi(f[k]);
+            for (unsigned s = a; s <= b && s < STORE_SLOTS; s++) {
+                cluster_node_t *n = cluster_map_node(m, m->slot[s]);
+                covered++;
+                wrong += !n || n->port != port || strcmp(n->id, f[0]) != 0;
+            }
+        }
+    }
+    CHECK(covered == STORE_SLOTS && wrong == 0);
+    freeReplyObject(r);
+}
+
+static void live_refresh(cluster_map_t *m, redisContext *c)
+{
+    redisReply *r = redisCommand(c, "CLUSTER SLOTS");
+    CHECK(r != NULL);
+    CHECK(cluster_map_from_slots(m, r, "127.0.0.1", live_close, NULL) == 0);
+    freeReplyObject(r);
+}
+
+/* Sends the command to another master than the map's choice and returns its redirect. */
+static int live_misroute(cluster_map_t *m, int argc, const char **argv, cluster_redirect_t *rd)
+{
+    int right = cluster_map_node_for_command(m, argc, argv, NULL);
+    int other = -1;
+    for (int i = 0; i < m->nnodes && other < 0; i++)
+        if (i != right && cluster_map_node(m, i) && m->nodes[i].master)
+            other = i;
+    redisReply *r = live_cmd(live_conn(&m->nodes[other]), argc, argv);
+    int kind = r && r->type == REDIS_REPLY_ERROR ? cluster_parse_redirect(r->str, r->len, rd)
+                                                 : CLUSTER_REPLY_OTHER;
+    freeReplyObject(r);
+    return kind;
+}
+
+static void test_live(const char *ports)
+{
+    int port0 = atoi(ports);
+    cluster_map_t *m = cluster_map_create();
+    int i0 = cluster_map_add_node(m, "127.0.0.1", port0, true); /* the seed */
+    redisContext *seed = live_conn(&m->nodes[i0]);
+    live_refresh(m, seed);
+    CHECK(count_used(m) == 3);
+    CHECK(cluster_map_find(m, "127.0.0.1", port0) == i0 && m->nodes[i0].conn == seed);
+    live_check_nodes(m, seed);
+
+    /* The map's node runs each kind of command receiptd sends; the slots agree with Redis. */
+    char keys[STORE_SHARDS + 3][32] = {"rd:{bob@x}", "rd:{alice@y}:q", "rd:epoch"};
+    for (unsigned i = 0; i < STORE_SHARDS; i++)
+        store_index_key(keys[3 + i], sizeof keys[0], i, "due");
+    int agree = 0, served = 0, moved = 0;
+    for (size_t k = 0; k < sizeof keys / sizeof keys[0]; k++) {
+        redisReply *r = redisCommand(seed, "CLUSTER KEYSLOT %s", keys[k]);
+        agree += r && r->type == REDIS_REPLY_INTEGER &&
+                 r->integer == (long long)store_key_slot(keys[k], strlen(keys[k]));
+        freeReplyObject(r);
+        const char *ev[] = {"EVAL", "return redis.call('SET', KEYS[1], ARGV[1])", "1", keys[k],
+                            "v"};
+        int i = cluster_map_node_for_command(m, 5, ev, NULL);
+        CHECK(i >= 0);
+        r = live_cmd(live_conn(&m->nodes[i]), 5, ev);
+        served += r && r->type == REDIS_REPLY_STATUS;
+        freeReplyObject(r);
+        cluster_redirect_t rd;
+        moved += live_misroute(m, 5, ev, &rd) == CLUSTER_REPLY_MOVED &&
+                 rd.slot == store_key_slot(keys[k], strlen(keys[k])) && rd.port == m->nodes[i].port;
+    }
+    CHECK(agree == STORE_SHARDS + 3 && served == STORE_SHARDS + 3 && moved == STORE_SHARDS + 3);
+
+    /* Redis refuses keys in two slots as we do. */
+    const char *cross[] = {"EVAL", "return 1", "2", "rd:{bob@x}:q", "rd:{alice@y}:q"};
+    CHECK(cluster_map_node_for_command(m, 5, cross, NULL) == CLUSTER_ECROSSSLOT);
+    const char *first[] = {"GET", "rd:{bob@x}:q"};
+    redisReply *r =
+        live_cmd(live_conn(&m->nodes[cluster_map_node_for_command(m, 2, first, NULL)]), 5, cross);
+    CHECK(r && r->type == REDIS_REPLY_ERROR && strncmp(r->str, "CROSSSLOT", 9) == 0);
+    freeReplyObject(r);
+
+    /* Move bob's slot from its master A to B by hand, watching ASK, TRYAGAIN and MOVED. */
+    unsigned slot = store_key_slot("bob@x", 5);
+    int a = m->slot[slot], b = a == 0 ? 1 : 0;
+    while (!cluster_map_node(m, b) || b == a)
+        b++;
+    redisContext *ca = live_conn(&m->nodes[a]), *cb = live_conn(&m->nodes[b]);
+    freeReplyObject(redisCommand(ca, "DEL rd:{bob@x}"));
+    freeReplyObject(redisCommand(ca, "SET rd:{bob@x}:a 1"));
+    r = redisCommand(cb, "CLUSTER SETSLOT %u IMPORTING %s", slot, m->nodes[a].id);
+    CHECK(r && r->type == REDIS_REPLY_STATUS);
+    freeReplyObject(r);
+    r = redisCommand(ca, "CLUSTER SETSLOT %u MIGRATING %s", slot, m->nodes[b].id);
+    CHECK(r && r->type == REDIS_REPLY_STATUS);
+    freeReplyObject(r);
+    cluster_redirect_t rd;
+    r = redisCommand(ca, "GET rd:{bob@x}:b"); /* missing at A: asked to try B */
+    CHECK(r && r->type == REDIS_REPLY_ERROR &&
+          cluster_parse_redirect(r->str, r->len, &rd) == CLUSTER_REPLY_ASK);
+    CHECK(rd.slot == slot && rd.port == m->nodes[b].port);
+    CHECK(cluster_map_add_node(m, rd.host, rd.port, true) == b);
+    freeReplyObject(r);
+    freeReplyObject(redisCommand(cb, "ASKING"));
+    r = redisCommand(cb, "GET rd:{bob@x}:b");
+    CHECK(r && r->type == REDIS_REPLY_NIL);
+    freeReplyObject(r);
+    r = redisCommand(ca, "MGET rd:{bob@x}:a rd:{bob@x}:b"); /* half here, half not */
+    CHECK(r && r->type == REDIS_REPLY_ERROR &&
+          cluster_parse_redirect(r->str, r->len, &rd) == CLUSTER_REPLY_TRYAGAIN);
+    freeReplyObject(r);
+    freeReplyObject(redisCommand(ca, "DEL rd:{bob@x}:a"));
+    for (int i = 0; i < m->nnodes; i++) {
+        r = redisCommand(live_conn(&m->nodes[i]), "CLUSTER SETSLOT %u NODE %s", slot,
+                         m->nodes[b].id);
+        CHECK(r && r->type == REDIS_REPLY_STATUS);
+        freeReplyObject(r);
+    }
+    r = redisCommand(ca, "GET rd:{bob@x}:b");
+    CHECK(r && r->type == REDIS_REPLY_ERROR &&
+          cluster_parse_redirect(r->str, r->len, &rd) == CLUSTER_REPLY_MOVED);
+    freeReplyObject(r);
+    uint64_t v = m->version;
+    CHECK(cluster_map_apply_moved(m, &rd, "127.0.0.1") == b && m->slot[slot] == b);
+    CHECK(m->version == v + 1);
+    /* A full refresh agrees with the MOVED, keeps every connection and drops none. */
+    void *before[3] = {m->nodes[0].conn, m->nodes[1].conn, m->nodes[2].conn};
+    live_refresh(m, seed);
+    CHECK(m->slot[slot] == b && count_used(m) == 3 && m->version == v + 1);
+    CHECK(before[0] == m->nodes[0].conn && before[1] == m->nodes[1].conn &&
+          before[2] == m->nodes[2].conn);
+    live_check_nodes(m, seed);
+
+    for (int i = 0; i < m->nnodes; i++)
+        if (cluster_map_node(m, i))
+            live_close(NULL, &m->nodes[i]);
+    cluster_map_free(m);
+}
+
 int main(void)
 {
     test_slots_basic();
@@ -601,5 +792,7 @@ int main(void)
     test_bounds();
     test_routing();
     test_seeds();
+    if (getenv("CLUSTER_PORTS"))
+        test_live(getenv("CLUSTER_PORTS"));
     return check_report();
 }
