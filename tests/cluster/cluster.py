@@ -409,7 +409,7 @@ class RedisCluster:
         bad = []
         for p in procs:
             while True:
-                if self._ping(p.port):
+                if self._is_up(p):
                     break
                 if p.popen.poll() is not None:
                     bad.append(p)
@@ -555,15 +555,17 @@ class RedisCluster:
                 c.close()
             d.clear()
 
-    def _ping(self, port):
+    def _is_up(self, p):
+        """The node answers on its port, and it is our process (not someone else's server that
+        holds the port while ours failed to bind)."""
         try:
-            c = Conn(port, password=None, timeout=0.5, connect_timeout=0.3)
-        except OSError:
+            c = Conn(p.port, password=self.password, timeout=0.5, connect_timeout=0.3)
+        except (OSError, ReplyError):
             return False
         try:
-            r = c.pipeline([("PING",)])[0]
-            return r == "PONG" or (isinstance(r, ReplyError) and r.kind == "NOAUTH")
-        except OSError:
+            info = parse_info(c.call("INFO", "server"))
+            return p.popen is not None and info.get("process_id") == str(p.popen.pid)
+        except (OSError, ReplyError, ValueError):
             return False
         finally:
             c.close()

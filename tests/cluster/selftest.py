@@ -124,8 +124,9 @@ class Writer(threading.Thread):
                 val = "v%d" % i
                 args = ("SET", key, val)
             elif op == "EVAL":       # two keys of one slot, like receiptd's scripts
-                key, val = "{%s}:ctr" % tag, "f{%s}:fill:%d" % (tag, i % 40)
-                args = ("EVAL", INCR_GET, 2, key, val[1:])
+                key, fkey = "{%s}:ctr" % tag, "{%s}:fill:%d" % (tag, i % 40)
+                val = "f" + fkey     # what the script returns (GET of the filler key)
+                args = ("EVAL", INCR_GET, 2, key, fkey)
             else:
                 key, val = "{%s}:fill:%d" % (tag, i % 40), None
                 args = ("GET", key)
@@ -185,7 +186,6 @@ def reshard_under_load(c, expected, rnd):
     moving_tags = [tags[s] for s in moving]
     writers = [Writer(c, "w%d" % k, lambda r: r.choice(moving_tags), "mixed", rnd_seed=rnd.random())
                for k in range(2)]
-    stats0 = collections.Counter(c.stats)
     for w in writers:
         w.start()
     time.sleep(0.3)
@@ -287,7 +287,9 @@ def failover_under_load(c, expected, rnd, victim):
         expected[k] = "p%d" % i
     say("300 writes to master %d with WAIT 1 100 in %.2fs: replicas acked %s", victim,
         time.monotonic() - t, dict(nrep))
-    check(set(nrep) == {1}, "WAIT 1 100 before the failure: %s", dict(nrep))
+    # WAIT may say 0 on a busy machine (the replica took > 100 ms): those writes are safe only
+    # once the replica has caught up, which this barrier makes sure of
+    c.wait_replicas_caught_up(victim)
 
     writers = [Writer(c, "wait", lambda r: r.choice(vtags), "set", wait=(1, 100), rnd_seed=rnd.random()),
                Writer(c, "nowait", lambda r: r.choice(vtags), "set", rnd_seed=rnd.random()),
@@ -298,8 +300,10 @@ def failover_under_load(c, expected, rnd, victim):
 
     # the failure window, made deterministic: the replica sleeps (so it cannot reconnect), the
     # master drops its replication link, the master acknowledges writes the replica never gets
+    # (0.9 s: long enough for the window on a busy machine, shorter than cluster-node-timeout)
     freeze = Conn(replica)
-    freeze.send([("DEBUG", "SLEEP", "0.6")])
+    freeze.send([("DEBUG", "SLEEP", "0.9")])
+    t_sleep = time.monotonic()
     time.sleep(0.02)
     c.command(victim, "CLIENT", "KILL", "TYPE", "replica")
     t_cut = time.monotonic()
@@ -315,6 +319,10 @@ def failover_under_load(c, expected, rnd, victim):
     say("window: master %d acknowledged 20 writes with its replica %d cut off; WAIT 1 50 then said %s",
         victim, replica, [n for _, n in window_wait])
     t_kill = time.monotonic()
+    asleep = t_kill - t_sleep < 0.9
+    say("window: link cut to kill -9 %.0f ms (%s)", (t_kill - t_cut) * 1e3,
+        "replica asleep for 900 ms: it could not reconnect" if asleep else
+        "longer than the replica's sleep: it may have resynced")
     new = c.kill_master(victim)
     freeze.close()
     time.sleep(0.5)
@@ -366,7 +374,8 @@ def failover_under_load(c, expected, rnd, victim):
     ww = [(k, n) for k, n in window_wait if present(k, "x%d" % [x for x, _ in window_wait].index(k))]
     say("  window writes acknowledged by the master alone: %d of 20 survived; WAIT=0 ones: %d of %d survived",
         len(wl), len(ww), len(window_wait))
-    check(all(n == 0 for _, n in window_wait), "WAIT in the window should say 0: %s", window_wait)
+    if asleep:
+        check(all(n == 0 for _, n in window_wait), "WAIT in the window should say 0: %s", window_wait)
     for k in wl:
         expected[k] = "w%d" % window_nowait.index(k)
     return victim, new, summary, window_nowait
