@@ -751,21 +751,26 @@ class RedisCluster:
                 raise ClusterError("cluster not ok after %.1fs: %s" % (timeout, why))
             await asyncio.sleep(interval)
 
-    def wait_replicas_caught_up(self, port, timeout=10):
-        """Until every replica of the master at `port` has acknowledged its full replication stream
-        (a barrier before a kill: everything written earlier then survives a failover)."""
+    def wait_replicas_caught_up(self, port, timeout=10, replicas=None):
+        """Until the replicas of the master at `port` (at least `replicas` of them, default: as
+        many as the topology gives it) have acknowledged its whole replication stream: a barrier
+        before a kill, after which everything written earlier survives a failover. Returns how
+        many replicas are caught up."""
+        if replicas is None:
+            replicas = len(self.replicas_of(port))
         deadline = time.monotonic() + timeout
         while True:
             ri = self.info(port, "replication")
             off = int(ri["master_repl_offset"])
             n = int(ri.get("connected_slaves", 0))
-            lag = [k for k in range(n) if int(dict(x.split("=") for x in ri["slave%d" % k].split(","))["offset"]) < off]
-            if n and not lag:
-                return
+            done = [k for k in range(n)
+                    if int(dict(x.split("=", 1) for x in ri["slave%d" % k].split(","))["offset"]) >= off]
+            if len(done) >= replicas:
+                return len(done)
             if time.monotonic() > deadline:
                 raise ClusterError("replicas of %d not caught up: %s" % (port, ri))
             # replicas ack once a second on their own; WAIT makes them ack now
-            self.command(port, "WAIT", n or 1, 100)
+            self.command(port, "WAIT", replicas, 100)
 
     # ---------------------------------------------------------------- cluster client
 
