@@ -95,7 +95,9 @@
     "  if redis.call('HEXISTS', P .. ':dev', dev) == 1 then redis.call('HSET', P .. ':dev', dev, now) end\n" \
     "end\n"
 
-/* KEYS: P. ARGV: user, sender, orig id ('' = none), suffix, blob, track (1 = receipt
+/* KEYS: P, and on a single Redis also the user's index shard (due, online, arch, act), which it
+ * then keeps up to date itself; in a cluster those are in another slot and the caller sends
+ * index_put first. ARGV: user, sender, orig id ('' = none), suffix, blob, track (1 = receipt
  * requested: dedupe and keep pending), now, retry_ms, window_ms, dedupe_s, max_n, max_b.
  * Returns {'dup', S} | {'full'} | {'live', S or '', resource...} | {'offline', S} | {'cold'}:
  * the user has no state here (new, or evicted to the archive); the caller restores it first. */
@@ -126,6 +128,11 @@ static const char put_lua[] =
     "  redis.call('SET', P .. ':dd:' .. okey, sid, 'EX', ARGV[10])\n"
     "  redis.call('HSET', P .. ':o', okey, sid)\n"
     "  redis.call('HSET', P .. ':k', sid, okey)\n"
+    "end\n"
+    "if #KEYS == 5 then\n"
+    "  redis.call('ZADD', KEYS[4], 'NX', now, user)\n"
+    "  redis.call('ZADD', KEYS[5], 'NX', now, user)\n"
+    "  if #res > 0 then redis.call('ZADD', KEYS[2], 'LT', now + tonumber(ARGV[8]), user) end\n"
     "end\n"
     "if #res == 0 then return {'offline', sid} end\n"
     "local due = now + tonumber(ARGV[8])\n"

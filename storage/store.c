@@ -662,11 +662,15 @@ int store_put_message(store_t *st, const store_put_t *p, store_put_cb cb, void *
     if (!rq)
         return STORE_ENOMEM;
     rq->cb.put = cb;
-    /* The indexes first: see storage/sweep.c. */
-    if (st->connected)
+    /* A single Redis runs the index updates inside the put script, atomically; a cluster needs
+     * them sent first, to the shard's own slot (storage/sweep.c). */
+    char keys[4][INDEX_KEY_MAX];
+    if (st->cluster && st->connected)
         store_index_put(st, p->user, p->track ? p->now_ms + p->retry_ms : 0, p->now_ms);
-    store_cmd_evalsha(&c, st, STORE_SCRIPT_PUT, 1);
+    store_cmd_evalsha(&c, st, STORE_SCRIPT_PUT, st->cluster ? 1 : 5);
     store_cmd_add(&c, prefix);
+    if (!st->cluster)
+        store_cmd_add_index(&c, store_user_shard(p->user), keys);
     store_cmd_add(&c, p->user);
     store_cmd_add(&c, p->sender);
     store_cmd_add(&c, p->orig_id ? p->orig_id : "");

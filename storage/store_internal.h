@@ -35,6 +35,7 @@ struct store {
     store_state_cb on_state;
     void *ud;
     char epoch[24]; /* the link epoch every script gets as its first argument */
+    bool cluster;   /* Redis Cluster: no script may touch two slots (not supported yet) */
 };
 
 typedef enum {
