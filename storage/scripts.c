@@ -27,20 +27,31 @@
     "  return res\n"                                                                               \
     "end\n"                                                                                        \
     "local function split(member) return string.match(member, '^(%S+) (.*)$') end\n"              \
+    "local function has(list, dev)\n"                                                              \
+    "  return string.find('\\n' .. list .. '\\n', '\\n' .. dev .. '\\n', 1, true) ~= nil\n"         \
+    "end\n"                                                                                        \
     "local function acked_by(P, sid, dev)\n"                                                       \
     "  local list = redis.call('HGET', P .. ':ak', sid)\n"                                         \
-    "  return list and string.find('\\n' .. list .. '\\n', '\\n' .. dev .. '\\n', 1, true) ~= nil\n" \
+    "  return list and has(list, dev)\n"                                                          \
     "end\n"                                                                                        \
-    "local function purge(P, sid, blob)\n"                                                         \
-    "  local list = redis.call('HGET', P .. ':ak', sid)\n"                                         \
+    "local function known_devices(P)\n"                                                            \
+    "  local k = redis.call('HKEYS', P .. ':dev')\n"                                               \
+    "  for _, r in ipairs(online(P)) do k[#k + 1] = r end\n"                                      \
+    "  return k\n"                                                                                 \
+    "end\n"                                                                                        \
+    "local function all_acked(list, known)\n"                                                      \
+    "  for _, d in ipairs(known) do if not has(list, d) then return false end end\n"              \
+    "  return true\n"                                                                              \
+    "end\n"                                                                                        \
+    "local function purge_listed(P, sid, blob, list)\n"                                           \
     "  if list then\n"                                                                             \
     "    for d in string.gmatch(list, '[^\\n]+') do\n"                                             \
     "      redis.call('HINCRBY', P .. ':an', d, -1)\n"                                             \
     "      redis.call('HINCRBY', P .. ':ab', d, -#blob)\n"                                         \
     "    end\n"                                                                                    \
+    "    redis.call('HDEL', P .. ':ak', sid)\n"                                                    \
     "  end\n"                                                                                      \
     "  redis.call('HDEL', P .. ':m', sid)\n"                                                       \
-    "  redis.call('HDEL', P .. ':ak', sid)\n"                                                      \
     "  redis.call('HDEL', P .. ':pw', sid)\n"                                                      \
     "  redis.call('ZREM', P .. ':q', sid)\n"                                                       \
     "  redis.call('DECRBY', P .. ':qb', #blob)\n"                                                  \
@@ -50,24 +61,24 @@
     "    redis.call('HDEL', P .. ':k', sid)\n"                                                     \
     "  end\n"                                                                                      \
     "end\n"                                                                                        \
-    "local function purge_if_done(P, sid, blob)\n"                                                 \
-    "  if not redis.call('HGET', P .. ':ak', sid) then return false end\n"                         \
-    "  for _, d in ipairs(redis.call('HKEYS', P .. ':dev')) do\n"                                  \
-    "    if not acked_by(P, sid, d) then return false end\n"                                       \
-    "  end\n"                                                                                      \
-    "  for _, d in ipairs(online(P)) do\n"                                                         \
-    "    if not acked_by(P, sid, d) then return false end\n"                                       \
-    "  end\n"                                                                                      \
-    "  purge(P, sid, blob)\n"                                                                      \
+    "local function purge(P, sid, blob)\n"                                                         \
+    "  purge_listed(P, sid, blob, redis.call('HGET', P .. ':ak', sid))\n"                          \
+    "end\n"                                                                                        \
+    "local function purge_if_done(P, sid, blob, known)\n"                                          \
+    "  local list = redis.call('HGET', P .. ':ak', sid)\n"                                         \
+    "  if not list or not all_acked(list, known) then return false end\n"                         \
+    "  purge_listed(P, sid, blob, list)\n"                                                        \
     "  return true\n"                                                                              \
     "end\n"                                                                                        \
     "local function device_offline(P, dev)\n"                                                      \
+    "  local known = nil\n"                                                                        \
     "  for _, m in ipairs(redis.call('ZRANGE', P .. ':p', 0, -1)) do\n"                            \
     "    local sid, d = split(m)\n"                                                                \
     "    if d == dev then\n"                                                                       \
     "      redis.call('ZREM', P .. ':p', m)\n"                                                     \
     "      local blob = redis.call('HGET', P .. ':m', sid)\n"                                      \
-    "      if blob then purge_if_done(P, sid, blob) end\n"                                         \
+    "      known = known or known_devices(P)\n"                                                   \
+    "      if blob then purge_if_done(P, sid, blob, known) end\n"                                 \
     "    end\n"                                                                                    \
     "  end\n"                                                                                      \
     "end\n"
@@ -151,21 +162,26 @@ static const char ack_lua[] =
     "local P, dev, found = KEYS[1], ARGV[1], {}\n"
     "local out = {redis.call('EXISTS', P .. ':ar'), '', found}\n"
     "redis.call('HSET', P .. ':dev', dev, ARGV[2])\n"
+    "local known = known_devices(P)\n"
     "local function ack(sid)\n"
     "  local blob = redis.call('HGET', P .. ':m', sid)\n"
     "  if not blob then return end\n"
     "  found[#found + 1] = sid\n"
     "  redis.call('ZREM', P .. ':p', sid .. ' ' .. dev)\n"
-    "  if acked_by(P, sid, dev) then return end\n"
     "  local list = redis.call('HGET', P .. ':ak', sid)\n"
+    "  if list and has(list, dev) then return end\n"
     "  if not list then\n"
     "    out[#out + 1] = sid\n"
     "    out[#out + 1] = blob\n"
     "  end\n"
-    "  redis.call('HSET', P .. ':ak', sid, list and (list .. '\\n' .. dev) or dev)\n"
-    "  redis.call('HINCRBY', P .. ':an', dev, 1)\n"
-    "  redis.call('HINCRBY', P .. ':ab', dev, #blob)\n"
-    "  purge_if_done(P, sid, blob)\n"
+    "  local now_acked = list and (list .. '\\n' .. dev) or dev\n"
+    "  if all_acked(now_acked, known) then\n"
+    "    purge_listed(P, sid, blob, list)\n"
+    "  else\n"
+    "    redis.call('HSET', P .. ':ak', sid, now_acked)\n"
+    "    redis.call('HINCRBY', P .. ':an', dev, 1)\n"
+    "    redis.call('HINCRBY', P .. ':ab', dev, #blob)\n"
+    "  end\n"
     "end\n"
     "if ARGV[3] == 'orig' then\n"
     "  local sid = redis.call('HGET', P .. ':o', ARGV[4])\n"
@@ -173,8 +189,6 @@ static const char ack_lua[] =
     "else\n"
     "  for i = 4, #ARGV do ack(ARGV[i]) end\n"
     "end\n"
-    "local known = redis.call('HKEYS', P .. ':dev')\n"
-    "for _, r in ipairs(online(P)) do known[#known + 1] = r end\n"
     "out[2] = table.concat(known, '\\n')\n"
     "return out\n";
 
