@@ -8,6 +8,7 @@
  *
  * A sweep owns its requests' count: when the last reply is in, its callback runs one last time
  * with last = true, and it is freed. */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -353,22 +354,20 @@ static int on_user_evict(sweep_t *sw, const char *user, const redisReply *r)
 
 /* ---- drops: a per-user change, then its index ------------------------------------------------ */
 
-int store_archive_drop(store_t *st, const char *user, int64_t now_ms, int64_t lease_ms,
-                       const char *const *sids, size_t n, store_done_cb cb, void *ud)
+/* A drop is a one-request sweep: the per-user script with the sids after arg, then (on_after)
+ * the user's index entry `which`. */
+static int drop_send(store_t *st, sweep_t *sw, store_script_t script, const char *user,
+                     const char *arg, const char *const *sids, size_t n)
 {
     char prefix[PREFIX_MAX];
     cmd_t c;
-    if (store_user_prefix(prefix, sizeof prefix, user) < 0)
+    if (store_user_prefix(prefix, sizeof prefix, user) < 0) {
+        free(sw);
         return STORE_EREPLY;
-    sweep_t *sw = sweep_new(st, SW_AFTER, ud);
-    if (!sw)
-        return st->connected ? STORE_ENOMEM : STORE_EDOWN;
-    sw->cb.done = cb;
-    sw->lease = lease_ms;
-    sw->limit = IDX_ARCH;
-    store_cmd_evalsha(&c, st, STORE_SCRIPT_ARCHIVE_DROP, 1);
+    }
+    store_cmd_evalsha(&c, st, script, 1);
     store_cmd_add(&c, prefix);
-    store_cmd_add_num(&c, now_ms);
+    store_cmd_add(&c, arg);
     sweep_send(sw, &c, STEP_AFTER, user, 0, sids, n);
     if (!sw->pending) {
         int err = sw->err;
@@ -378,13 +377,23 @@ int store_archive_drop(store_t *st, const char *user, int64_t now_ms, int64_t le
     return 0;
 }
 
+int store_archive_drop(store_t *st, const char *user, int64_t now_ms, int64_t lease_ms,
+                       const char *const *sids, size_t n, store_done_cb cb, void *ud)
+{
+    sweep_t *sw = sweep_new(st, SW_AFTER, ud);
+    if (!sw)
+        return st->connected ? STORE_ENOMEM : STORE_EDOWN;
+    char now[24];
+    snprintf(now, sizeof now, "%lld", (long long)now_ms);
+    sw->cb.done = cb;
+    sw->lease = lease_ms;
+    sw->limit = IDX_ARCH;
+    return drop_send(st, sw, STORE_SCRIPT_ARCHIVE_DROP, user, now, sids, n);
+}
+
 int store_evict_drop(store_t *st, const char *user, bool evict, int64_t now_ms, int64_t lease_ms,
                      const char *const *sids, size_t n, store_flag_cb cb, void *ud)
 {
-    char prefix[PREFIX_MAX];
-    cmd_t c;
-    if (store_user_prefix(prefix, sizeof prefix, user) < 0)
-        return STORE_EREPLY;
     sweep_t *sw = sweep_new(st, SW_AFTER, ud);
     if (!sw)
         return st->connected ? STORE_ENOMEM : STORE_EDOWN;
@@ -392,16 +401,7 @@ int store_evict_drop(store_t *st, const char *user, bool evict, int64_t now_ms, 
     sw->lease = lease_ms;
     sw->now = now_ms;
     sw->limit = IDX_ACT;
-    store_cmd_evalsha(&c, st, STORE_SCRIPT_EVICT_DROP, 1);
-    store_cmd_add(&c, prefix);
-    store_cmd_add(&c, evict ? "1" : "0");
-    sweep_send(sw, &c, STEP_AFTER, user, 0, sids, n);
-    if (!sw->pending) {
-        int err = sw->err;
-        free(sw);
-        return err;
-    }
-    return 0;
+    return drop_send(st, sw, STORE_SCRIPT_EVICT_DROP, user, evict ? "1" : "0", sids, n);
 }
 
 static int on_after(sweep_t *sw, const char *user, const redisReply *r)
