@@ -21,9 +21,14 @@
 
 #define LUA_HELPERS                                                                                \
     "local function epoch() return EPOCH end\n"                                                    \
+    "local function register(P, res)\n"                                                           \
+    "  local cur = tonumber(redis.call('HGET', P .. ':r', res) or '0')\n"                         \
+    "  if tonumber(epoch()) > cur then redis.call('HSET', P .. ':r', res, epoch()) end\n"         \
+    "end\n"                                                                                        \
     "local function online(P)\n"                                                                   \
-    "  local res, rs, epoch = {}, redis.call('HGETALL', P .. ':r'), epoch()\n"                     \
-    "  for i = 1, #rs, 2 do if rs[i + 1] == epoch then res[#res + 1] = rs[i] end end\n"            \
+    "  local res, rs, cur = {}, redis.call('HGETALL', P .. ':r'), tonumber(epoch())\n"            \
+    "  if cur == 0 then return res end\n"                                                          \
+    "  for i = 1, #rs, 2 do if tonumber(rs[i + 1]) >= cur then res[#res + 1] = rs[i] end end\n"   \
     "  return res\n"                                                                               \
     "end\n"                                                                                        \
     "local function split(member) return string.match(member, '^(%S+) (.*)$') end\n"              \
@@ -246,10 +251,11 @@ static const char presence_lua[] =
     LUA_HELPERS LUA_VIEW
     "local P, op, user, res = KEYS[1], ARGV[1], ARGV[2], ARGV[3]\n"
     "if op == 'set' then\n"
-    "  redis.call('HSET', P .. ':r', res, epoch())\n"
+    "  if redis.call('HEXISTS', P .. ':r', res) == 0 then redis.call('HSET', P .. ':r', res, 0) end\n"
+    "  register(P, res)\n"
     "  touch(P, res, ARGV[4])\n"
     "elseif op == 'verify' then\n"
-    "  if redis.call('HEXISTS', P .. ':r', res) == 1 then redis.call('HSET', P .. ':r', res, epoch()) end\n"
+    "  if redis.call('HEXISTS', P .. ':r', res) == 1 then register(P, res) end\n"
     "else\n"
     "  redis.call('HDEL', P .. ':r', res)\n"
     "  device_offline(P, res)\n"
@@ -262,7 +268,7 @@ static const char stale_lua[] =
     LUA_PROLOGUE
     LUA_HELPERS
     "local out, rs = {}, redis.call('HGETALL', KEYS[1] .. ':r')\n"
-    "for i = 1, #rs, 2 do if rs[i + 1] ~= epoch() then out[#out + 1] = rs[i] end end\n"
+    "for i = 1, #rs, 2 do if tonumber(rs[i + 1]) < tonumber(epoch()) then out[#out + 1] = rs[i] end end\n"
     "return out\n";
 
 /* KEYS: P. ARGV: device, now, max items. The device's view: what it has not acked.
