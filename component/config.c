@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cluster_map.h"
 #include "jid.h"
 
 typedef enum { K_STR, K_PORT, K_UINT, K_SECONDS, K_DOMAINS, K_LEVEL } kind_t;
@@ -35,6 +36,9 @@ static const key_t_ keys[] = {
     {"redis", "password", K_STR, 0, 0, OFF(redis_password)},
     {"redis", "max_inflight", K_UINT, 1, 1000000, OFF(redis_max_inflight)},
     {"redis", "timeout", K_SECONDS, 100, 3600000, OFF(redis_timeout_ms)},
+    {"redis", "cluster", K_STR, 0, 0, OFF(redis_cluster)},
+    {"redis", "wait_replicas", K_UINT, 0, 16, OFF(redis_wait_replicas)},
+    {"redis", "wait_timeout", K_SECONDS, 10, 600000, OFF(redis_wait_timeout_ms)},
     {"sqlite", "path", K_STR, 0, 0, OFF(sqlite_path)},
     {"sqlite", "archive_after", K_SECONDS, 10, 86400000ull * 3650, OFF(archive_after_ms)},
     {"sqlite", "evict_after", K_SECONDS, 10, 86400000ull * 3650, OFF(evict_after_ms)},
@@ -53,7 +57,7 @@ static const key_t_ keys[] = {
 static void store_uint(config_t *cfg, size_t off, uint64_t v)
 {
     char *p = (char *)cfg + off;
-    if (off == OFF(redis_max_inflight) || off == OFF(fetch_max))
+    if (off == OFF(redis_max_inflight) || off == OFF(fetch_max) || off == OFF(redis_wait_replicas))
         *(unsigned *)p = (unsigned)v;
     else if (off == OFF(dedupe_s))
         *(int64_t *)p = (int64_t)v;
@@ -180,6 +184,7 @@ static void set_defaults(config_t *cfg)
     cfg->redis_port = 6379;
     cfg->redis_max_inflight = 10000;
     cfg->redis_timeout_ms = 5000;
+    cfg->redis_wait_timeout_ms = 1000;
     cfg->sqlite_path = strdup("receiptd.sqlite3");
     cfg->archive_after_ms = 7 * 86400000ll;
     cfg->evict_after_ms = 30 * 86400000ll;
@@ -209,12 +214,25 @@ int config_load(config_t *cfg, const char *path, char *err, size_t errlen)
     }
     proto_jid_t jid;
     if (!cfg->jid || proto_jid_parse(cfg->jid, &jid) < 0 || jid.node[0] || jid.resource[0]) {
-        snprintf(err, errlen, "%s: [component] jid: required, a domain such as receipts.example.org",
-                 path);
+        snprintf(err, errlen,
+                 "%s: [component] jid: required, a domain such as receipts.example.org", path);
         return -1;
     }
     if (!cfg->secret) {
         snprintf(err, errlen, "%s: [component] secret: required", path);
+        return -1;
+    }
+    cluster_seed_t seeds[CLUSTER_SEEDS_MAX];
+    size_t nseeds;
+    if (cfg->redis_cluster &&
+        cluster_parse_seeds(cfg->redis_cluster, seeds, CLUSTER_SEEDS_MAX, &nseeds) < 0) {
+        snprintf(err, errlen,
+                 "%s: [redis] cluster: must be host:port,host:port,... (at most %d, no duplicates)",
+                 path, CLUSTER_SEEDS_MAX);
+        return -1;
+    }
+    if (cfg->redis_cluster && cfg->redis_socket) {
+        snprintf(err, errlen, "%s: [redis] cluster and socket exclude each other", path);
         return -1;
     }
     if (cfg->n_user_domains == 0) {
@@ -234,6 +252,7 @@ void config_free(config_t *cfg)
     free(cfg->redis_host);
     free(cfg->redis_socket);
     free(cfg->redis_password);
+    free(cfg->redis_cluster);
     free(cfg->sqlite_path);
     memset(cfg, 0, sizeof *cfg);
 }

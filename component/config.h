@@ -25,6 +25,9 @@ typedef struct config {
     char *redis_password; /* NULL: no AUTH */
     unsigned redis_max_inflight;
     int64_t redis_timeout_ms;
+    char *redis_cluster;          /* NULL: the single Redis above; else the seed list */
+    unsigned redis_wait_replicas; /* WAIT for this many replicas before <stored/> */
+    int64_t redis_wait_timeout_ms;
 
     char *sqlite_path;
     int64_t archive_after_ms; /* offline messages older than this move to SQLite */

@@ -25,20 +25,19 @@ typedef struct app {
 
 static void usage(FILE *f)
 {
-    fprintf(f,
-            "Usage: receiptd [-c FILE] [--check-config | --stats]\n"
-            "\n"
-            "Reliable delivery for XMPP as an external component (XEP-0114): server-side\n"
-            "receipts, durable offline queues in Redis, batched offline retrieval.\n"
-            "\n"
-            "  -c, --config FILE   configuration file (default: component.ini)\n"
-            "      --check-config  validate the configuration and exit\n"
-            "      --stats         print users, messages and bytes per tier (Redis, SQLite\n"
-            "                      archive) and exit\n"
-            "      --version       print the version and exit\n"
-            "  -h, --help          print this help and exit\n"
-            "\n"
-            "Stops cleanly on SIGTERM or SIGINT. Logs go to standard error.\n");
+    fprintf(f, "Usage: receiptd [-c FILE] [--check-config | --stats]\n"
+               "\n"
+               "Reliable delivery for XMPP as an external component (XEP-0114): server-side\n"
+               "receipts, durable offline queues in Redis, batched offline retrieval.\n"
+               "\n"
+               "  -c, --config FILE   configuration file (default: component.ini)\n"
+               "      --check-config  validate the configuration and exit\n"
+               "      --stats         print users, messages and bytes per tier (Redis, SQLite\n"
+               "                      archive) and exit\n"
+               "      --version       print the version and exit\n"
+               "  -h, --help          print this help and exit\n"
+               "\n"
+               "Stops cleanly on SIGTERM or SIGINT. Logs go to standard error.\n");
 }
 
 /* ---- link and store events ----------------------------------------------------------------- */
@@ -102,8 +101,9 @@ static void on_persistence(void *ud, int err, const char *value)
     if (err || !value)
         return;
     if (strcmp(value, "no") == 0)
-        log_warn("store: Redis has AOF off (appendonly no): <stored/> then survives a crash only as "
-                 "far as RDB snapshots reach; see README, Durability");
+        log_warn(
+            "store: Redis has AOF off (appendonly no): <stored/> then survives a crash only as "
+            "far as RDB snapshots reach; see README, Durability");
     else if (d)
         log_info("store: Redis AOF is on");
 }
@@ -113,27 +113,38 @@ static void on_fsync(void *ud, int err, const char *value)
     (void)ud;
     if (!err && value)
         log_info("store: Redis appendfsync is '%s'%s", value,
-                 strcmp(value, "always") == 0 ? "" : " (up to ~1 s of stored messages can be lost "
-                                                     "on power failure)");
+                 strcmp(value, "always") == 0 ? ""
+                                              : " (up to ~1 s of stored messages can be lost "
+                                                "on power failure)");
+}
+
+/* Where Redis is, for the logs: a socket, a cluster's seeds, or host:port. */
+static const char *redis_where(const config_t *cfg, char *buf, size_t len)
+{
+    if (cfg->redis_socket)
+        snprintf(buf, len, "Redis at %s", cfg->redis_socket);
+    else if (cfg->redis_cluster)
+        snprintf(buf, len, "Redis Cluster (seeds %s)", cfg->redis_cluster);
+    else
+        snprintf(buf, len, "Redis at %s:%d", cfg->redis_host, cfg->redis_port);
+    return buf;
 }
 
 static void on_store_state(void *ud, int connected, const char *err)
 {
     daemon_t *d = ud;
     uint64_t now = (uint64_t)daemon_now_ms();
+    char where[1200];
     if (connected) {
         log_throttle_reset(&d->store_log);
-        if (d->cfg.redis_socket)
-            log_info("store: connected to Redis at %s", d->cfg.redis_socket);
-        else
-            log_info("store: connected to Redis at %s:%d", d->cfg.redis_host, d->cfg.redis_port);
+        log_info("store: connected to %s", redis_where(&d->cfg, where, sizeof where));
         store_config_get(d->store, "appendonly", on_persistence, d);
         store_config_get(d->store, "appendfsync", on_fsync, d);
         maybe_start_epoch(d);
     } else if (log_throttle_pass(&d->store_log, now)) {
-        log_warn("store: Redis at %s:%d unavailable: %s (senders get wait errors; retrying with "
-                 "backoff; logged once a minute)",
-                 d->cfg.redis_host, d->cfg.redis_port, err ? err : "?");
+        log_warn("store: %s unavailable: %s (senders get wait errors; retrying with backoff; "
+                 "logged once a minute)",
+                 redis_where(&d->cfg, where, sizeof where), err ? err : "?");
     }
 }
 
@@ -178,9 +189,8 @@ static void log_stats(const daemon_t *d)
              (unsigned long long)s->delivered, (unsigned long long)s->retransmitted,
              (unsigned long long)s->acked, (unsigned long long)s->receipts_relayed,
              (unsigned long long)s->archived, (unsigned long long)s->expired,
-             (unsigned long long)s->evicted,
-             (unsigned long long)s->rejected_storage, (unsigned long long)s->rejected_full,
-             (unsigned long long)s->rejected_bad);
+             (unsigned long long)s->evicted, (unsigned long long)s->rejected_storage,
+             (unsigned long long)s->rejected_full, (unsigned long long)s->rejected_bad);
 }
 
 int main(int argc, char **argv)
@@ -188,20 +198,31 @@ int main(int argc, char **argv)
     static const struct option opts[] = {
         {"config", required_argument, NULL, 'c'}, {"check-config", no_argument, NULL, 'k'},
         {"version", no_argument, NULL, 'v'},      {"help", no_argument, NULL, 'h'},
-        {"stats", no_argument, NULL, 's'},
-        {NULL, 0, NULL, 0},
+        {"stats", no_argument, NULL, 's'},        {NULL, 0, NULL, 0},
     };
     const char *path = "component.ini";
     bool check_only = false, stats_only = false;
     int opt;
     while ((opt = getopt_long(argc, argv, "c:h", opts, NULL)) != -1) {
         switch (opt) {
-        case 'c': path = optarg; break;
-        case 'k': check_only = true; break;
-        case 's': stats_only = true; break;
-        case 'v': printf("receiptd %s\n", RECEIPTD_VERSION); return 0;
-        case 'h': usage(stdout); return 0;
-        default: usage(stderr); return 2;
+        case 'c':
+            path = optarg;
+            break;
+        case 'k':
+            check_only = true;
+            break;
+        case 's':
+            stats_only = true;
+            break;
+        case 'v':
+            printf("receiptd %s\n", RECEIPTD_VERSION);
+            return 0;
+        case 'h':
+            usage(stdout);
+            return 0;
+        default:
+            usage(stderr);
+            return 2;
         }
     }
     if (optind < argc) {
@@ -219,9 +240,9 @@ int main(int argc, char **argv)
         return 1;
     }
     if (check_only) {
-        printf("receiptd: %s is valid (component %s, server %s:%d, redis %s:%d)\n", path,
-               d->cfg.jid, d->cfg.server_host, d->cfg.server_port, d->cfg.redis_host,
-               d->cfg.redis_port);
+        char where[1200];
+        printf("receiptd: %s is valid (component %s, server %s:%d, %s)\n", path, d->cfg.jid,
+               d->cfg.server_host, d->cfg.server_port, redis_where(&d->cfg, where, sizeof where));
         config_free(&d->cfg);
         return 0;
     }
@@ -244,11 +265,12 @@ int main(int argc, char **argv)
         return 1;
     }
 
-    store_config_t scfg = {d->cfg.redis_host,       d->cfg.redis_port,
-                           d->cfg.redis_socket,     d->cfg.redis_password,
-                           d->cfg.redis_max_inflight, (unsigned)d->cfg.redis_timeout_ms};
-    link_config_t lcfg = {d->cfg.server_host, d->cfg.server_port, d->cfg.jid, d->cfg.secret,
-                          d->cfg.max_stanza_bytes, 64u << 20};
+    store_config_t scfg = {
+        d->cfg.redis_host,     d->cfg.redis_port,          d->cfg.redis_socket,
+        d->cfg.redis_password, d->cfg.redis_max_inflight,  (unsigned)d->cfg.redis_timeout_ms,
+        d->cfg.redis_cluster,  d->cfg.redis_wait_replicas, (unsigned)d->cfg.redis_wait_timeout_ms};
+    link_config_t lcfg = {d->cfg.server_host, d->cfg.server_port,      d->cfg.jid,
+                          d->cfg.secret,      d->cfg.max_stanza_bytes, 64u << 20};
     link_callbacks_t lcb = {on_link_up, on_link_down, on_link_stanza};
     if (archive_open(&loop, d->cfg.sqlite_path, &d->archive, err, sizeof err) < 0) {
         fprintf(stderr, "receiptd: [sqlite] path: %s\n", err);
@@ -267,8 +289,9 @@ int main(int argc, char **argv)
     signal(SIGPIPE, SIG_IGN);
     retry_start(d);
     archiver_start(d);
-    log_info("receiptd %s: component %s, server %s:%d, redis %s:%d", RECEIPTD_VERSION, d->cfg.jid,
-             d->cfg.server_host, d->cfg.server_port, d->cfg.redis_host, d->cfg.redis_port);
+    char where[1200];
+    log_info("receiptd %s: component %s, server %s:%d, %s", RECEIPTD_VERSION, d->cfg.jid,
+             d->cfg.server_host, d->cfg.server_port, redis_where(&d->cfg, where, sizeof where));
     link_start(d->link);
 
     uv_run(&loop, UV_RUN_DEFAULT);

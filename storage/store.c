@@ -15,83 +15,14 @@
 
 #include "scripts.h"
 #include "store_internal.h"
-#include "uvredis.h"
+#include "rconn.h"
 
-#define BACKOFF_MIN_MS 100
-#define BACKOFF_MAX_MS 5000
 #define KEY_EPOCH "rd:epoch"
+#define TICK_MS 50
 
-static void store_connect(store_t *st);
-
-static void on_retry_timer(uv_timer_t *t)
-{
-    store_connect(t->data);
-}
-
-static void schedule_reconnect(store_t *st)
-{
-    if (st->closing)
-        return;
-    /* Jitter spreads the reconnects of several receiptd instances after a shared Redis restart. */
-    unsigned delay = st->backoff_ms / 2 + (unsigned)rand() % (st->backoff_ms / 2 + 1);
-    st->backoff_ms = st->backoff_ms * 2 > BACKOFF_MAX_MS ? BACKOFF_MAX_MS : st->backoff_ms * 2;
-    uv_timer_start(&st->retry_timer, on_retry_timer, delay, 0);
-}
-
-/* The store counts as connected only once every script is loaded: a Redis that is still
- * loading its AOF answers -LOADING, and EVALSHA would then fail with NOSCRIPT forever. */
-static void on_script_loaded(redisAsyncContext *ac, void *reply, void *privdata)
-{
-    store_t *st = privdata;
-    redisReply *r = reply;
-    if (!r)
-        return; /* the connection went away; on_disconnect handles it */
-    if (r->type == REDIS_REPLY_ERROR && !st->scripts_failed) {
-        st->scripts_failed = true;
-        snprintf(st->load_error, sizeof st->load_error, "setup failed: %s", r->str);
-    }
-    if (--st->scripts_pending > 0)
-        return;
-    if (st->scripts_failed) {
-        if (st->on_state)
-            st->on_state(st->ud, 0, st->load_error);
-        redisAsyncDisconnect(ac); /* on_disconnect schedules the retry */
-        return;
-    }
-    st->connected = true;
-    st->backoff_ms = BACKOFF_MIN_MS;
-    if (st->on_state)
-        st->on_state(st->ud, 1, NULL);
-}
-
-static void on_connect(const redisAsyncContext *cac, int status)
-{
-    store_t *st = cac->data;
-    if (status != REDIS_OK) {
-        /* hiredis frees the context after this callback. */
-        st->ac = NULL;
-        if (st->on_state)
-            st->on_state(st->ud, 0, cac->errstr);
-        schedule_reconnect(st);
-        return;
-    }
-    st->scripts_pending = STORE_SCRIPT_COUNT;
-    st->scripts_failed = false;
-    /* AUTH first: Redis runs one connection's commands in order, so the loads are authorized. */
-    if (st->password) {
-        st->scripts_pending++;
-        redisAsyncCommand(st->ac, on_script_loaded, st, "AUTH %s", st->password);
-    }
-    for (int i = 0; i < STORE_SCRIPT_COUNT; i++)
-        redisAsyncCommand(st->ac, on_script_loaded, st, "SCRIPT LOAD %s",
-                          store_script_source((store_script_t)i));
-}
-
-/* The store is freed once both the timer has closed and hiredis let go of the context, which
- * after store_close can be later than the timer: hiredis waits for replies still in flight. */
 static void maybe_free(store_t *st)
 {
-    if (st->closing && st->timer_closed == 2 && !st->ac) {
+    if (st->closing && st->tick_closed && st->conns == 0) {
         free(st->host);
         free(st->socket);
         free(st->password);
@@ -99,66 +30,35 @@ static void maybe_free(store_t *st)
     }
 }
 
-static void on_disconnect(const redisAsyncContext *cac, int status)
+void store__conn_gone(store_t *st)
 {
-    store_t *st = cac->data;
-    bool was = st->connected;
-    st->ac = NULL;
-    st->connected = false;
-    if (st->closing) {
-        maybe_free(st);
-        return;
-    }
-    if (st->on_state && was)
-        st->on_state(st->ud, 0, status == REDIS_OK ? "disconnected" : cac->errstr);
-    schedule_reconnect(st);
+    st->conns--;
+    maybe_free(st);
 }
 
-static void store_connect(store_t *st)
+void store__on_conn(store_t *st, rconn_t *c, int ready, const char *err)
 {
-    redisAsyncContext *ac = st->socket ? redisAsyncConnectUnix(st->socket)
-                                       : redisAsyncConnect(st->host, st->port);
-    if (!ac || ac->err) {
-        if (st->on_state)
-            st->on_state(st->ud, 0, ac ? ac->errstr : "out of memory");
-        if (ac)
-            redisAsyncFree(ac);
-        schedule_reconnect(st);
+    if (st->closing)
+        return;
+    if (st->cluster) {
+        cluster__on_conn(st, c, ready, err);
         return;
     }
-    ac->data = st;
-    if (store__attach_uv(ac, st->loop) < 0) {
-        redisAsyncFree(ac);
-        schedule_reconnect(st);
-        return;
-    }
-    redisAsyncSetConnectCallback(ac, on_connect);
-    redisAsyncSetDisconnectCallback(ac, on_disconnect);
-    st->ac = ac;
+    st->connected = ready;
+    if (st->on_state)
+        st->on_state(st->ud, ready, err);
 }
 
-/* hiredis has no request timeout: without this, a paused Redis would hold every sender's
- * request (and its memory) until it resumes. Dropping the context fails them all with
- * STORE_EDOWN, so senders get a wait error and retry; a write that did happen is found again by
- * dedupe. */
-static void on_watchdog(uv_timer_t *t)
+static void on_tick(uv_timer_t *t)
 {
     store_t *st = t->data;
-    if (!st->ac || st->inflight == 0 || st->closing)
+    uint64_t now = uv_now(st->loop);
+    if (st->closing)
         return;
-    if (uv_now(st->loop) - st->last_progress < st->timeout_ms)
-        return;
-    redisAsyncContext *ac = st->ac;
-    bool was = st->connected;
-    st->connected = false;
-    if (st->on_state && was)
-        st->on_state(st->ud, 0, "Redis did not answer in time; reconnecting");
-    /* on_disconnect runs inside redisAsyncFree (the context was connected) and reschedules. */
-    redisAsyncFree(ac);
-    if (st->ac == ac) {
-        st->ac = NULL;
-        schedule_reconnect(st);
-    }
+    if (st->cluster)
+        cluster__tick(st, now);
+    else
+        rconn_check(st->single, now, st->timeout_ms);
 }
 
 int store_create(uv_loop_t *loop, const store_config_t *cfg, store_state_cb on_state, void *ud,
@@ -168,13 +68,9 @@ int store_create(uv_loop_t *loop, const store_config_t *cfg, store_state_cb on_s
     if (!st)
         return STORE_ENOMEM;
     st->host = strdup(cfg->host ? cfg->host : "127.0.0.1");
-    if (!st->host) {
-        free(st);
-        return STORE_ENOMEM;
-    }
     st->socket = cfg->socket ? strdup(cfg->socket) : NULL;
     st->password = cfg->password ? strdup(cfg->password) : NULL;
-    if ((cfg->socket && !st->socket) || (cfg->password && !st->password)) {
+    if (!st->host || (cfg->socket && !st->socket) || (cfg->password && !st->password)) {
         free(st->host);
         free(st->socket);
         free(st->password);
@@ -186,9 +82,10 @@ int store_create(uv_loop_t *loop, const store_config_t *cfg, store_state_cb on_s
     st->port = cfg->port;
     st->timeout_ms = cfg->timeout_ms ? cfg->timeout_ms : 5000;
     st->max_inflight = cfg->max_inflight ? cfg->max_inflight : 10000;
+    st->wait_replicas = cfg->wait_replicas;
+    st->wait_timeout_ms = cfg->wait_timeout_ms ? cfg->wait_timeout_ms : 1000;
     st->on_state = on_state;
     st->ud = ud;
-    st->backoff_ms = BACKOFF_MIN_MS;
     for (int i = 0; i < STORE_SCRIPT_COUNT; i++) {
         const char *src = store_script_source((store_script_t)i);
         unsigned char digest[XMPP_SHA1_DIGEST_SIZE];
@@ -196,40 +93,47 @@ int store_create(uv_loop_t *loop, const store_config_t *cfg, store_state_cb on_s
         for (int b = 0; b < XMPP_SHA1_DIGEST_SIZE; b++)
             snprintf(st->sha[i] + 2 * b, 3, "%02x", digest[b]);
     }
-    uv_timer_init(loop, &st->retry_timer);
-    st->retry_timer.data = st;
-    uv_timer_init(loop, &st->watchdog);
-    st->watchdog.data = st;
-    uv_timer_start(&st->watchdog, on_watchdog, 250, 250);
-    store_connect(st);
+    if (cfg->cluster && *cfg->cluster) {
+        st->cluster = true;
+        int rc = cluster__create(st, cfg->cluster);
+        if (rc < 0) {
+            free(st->host);
+            free(st->socket);
+            free(st->password);
+            free(st);
+            return rc;
+        }
+    } else if (!(st->single = rconn_create(st, st->host, st->port, st->socket, false))) {
+        free(st->host);
+        free(st->socket);
+        free(st->password);
+        free(st);
+        return STORE_ENOMEM;
+    }
+    uv_timer_init(loop, &st->tick);
+    st->tick.data = st;
+    uv_timer_start(&st->tick, on_tick, TICK_MS, TICK_MS);
     *out = st;
     return 0;
 }
 
-static void on_timer_closed(uv_handle_t *h)
+static void on_tick_closed(uv_handle_t *h)
 {
     store_t *st = h->data;
-    st->timer_closed++;
+    st->tick_closed = true;
     maybe_free(st);
 }
 
 void store_close(store_t *st)
 {
-    bool was_connected = st->connected;
     st->closing = true;
     st->connected = false;
-    uv_timer_stop(&st->retry_timer);
-    uv_close((uv_handle_t *)&st->retry_timer, on_timer_closed);
-    uv_close((uv_handle_t *)&st->watchdog, on_timer_closed);
-    if (st->ac && was_connected) {
-        /* Graceful: replies in flight still reach their callbacks, then on_disconnect runs. */
-        redisAsyncDisconnect(st->ac);
-    } else if (st->ac) {
-        /* Still connecting: hiredis would not call on_disconnect for it. */
-        redisAsyncContext *ac = st->ac;
-        st->ac = NULL;
-        redisAsyncFree(ac);
-    }
+    uv_timer_stop(&st->tick);
+    uv_close((uv_handle_t *)&st->tick, on_tick_closed);
+    if (st->cluster)
+        cluster__close(st);
+    else
+        rconn_close(st->single);
 }
 
 bool store_is_connected(const store_t *st)
@@ -510,47 +414,171 @@ static void reply_fail(req_t *rq, int err)
     }
 }
 
-static void on_reply(redisAsyncContext *ac, void *reply, void *privdata)
+static void req_done(req_t *rq)
 {
+    rq->st->inflight--;
+    store_req_free(rq);
+}
+
+void store__req_fail(req_t *rq, int err)
+{
+    reply_fail(rq, err);
+    req_done(rq);
+}
+
+/* A deep copy, for a reply that must outlive its callback (hiredis frees it on return). */
+static redisReply *reply_dup(const redisReply *r)
+{
+    redisReply *d = calloc(1, sizeof *d);
+    if (!d)
+        return NULL;
+    d->type = r->type;
+    d->integer = r->integer;
+    if (r->str) {
+        if (!(d->str = malloc(r->len + 1))) {
+            free(d);
+            return NULL;
+        }
+        memcpy(d->str, r->str, r->len);
+        d->str[r->len] = '\0';
+        d->len = r->len;
+    }
+    if (r->elements) {
+        if (!(d->element = calloc(r->elements, sizeof *d->element))) {
+            freeReplyObject(d);
+            return NULL;
+        }
+        d->elements = r->elements;
+        for (size_t i = 0; i < r->elements; i++)
+            if (!(d->element[i] = reply_dup(r->element[i]))) {
+                freeReplyObject(d);
+                return NULL;
+            }
+    }
+    return d;
+}
+
+/* WAIT answers how many replicas have every write this connection sent so far, the put
+ * included: only then is the put's own reply handed on. */
+static void on_wait_reply(redisAsyncContext *ac, void *reply, void *privdata)
+{
+    (void)ac;
+    req_t *rq = privdata;
+    redisReply *r = reply;
+    rconn_on_reply(rq->conn);
+    rq->conn = NULL;
+    if (r && r->type == REDIS_REPLY_INTEGER && r->integer >= (long long)rq->st->wait_replicas) {
+        if (reply_dispatch(rq, rq->held) < 0)
+            reply_fail(rq, STORE_EREPLY);
+    } else {
+        reply_fail(rq, STORE_EDOWN); /* stored on the master only: the sender retries, dedupe */
+    }
+    req_done(rq);
+}
+
+static int wait_replicas(req_t *rq, rconn_t *c, const redisReply *r)
+{
+    store_t *st = rq->st;
+    char n[16], t[16];
+    snprintf(n, sizeof n, "%u", st->wait_replicas);
+    snprintf(t, sizeof t, "%u", st->wait_timeout_ms);
+    const char *argv[] = {"WAIT", n, t};
+    if (!(rq->held = reply_dup(r)))
+        return STORE_ENOMEM;
+    rq->conn = c;
+    if (rconn_send(c, on_wait_reply, rq, 3, argv, NULL) < 0)
+        return STORE_EDOWN;
+    return 0;
+}
+
+void store__on_reply(redisAsyncContext *ac, void *reply, void *privdata)
+{
+    (void)ac;
     req_t *rq = privdata;
     redisReply *r = reply;
     store_t *st = rq->st;
-    st->inflight--;
-    st->last_progress = uv_now(st->loop);
-    /* Scripts vanish on SCRIPT FLUSH or when a replica without them is promoted: reconnect,
-     * which loads them again. This request fails; its sender retries. */
-    if (r && r->type == REDIS_REPLY_ERROR && strncmp(r->str, "NOSCRIPT", 8) == 0 &&
-        st->connected) {
-        st->connected = false;
-        if (st->on_state)
-            st->on_state(st->ud, 0, "scripts missing in Redis (NOSCRIPT); reloading");
-        redisAsyncDisconnect(ac);
+    rconn_t *c = rq->conn;
+    rconn_on_reply(c);
+    rq->conn = NULL;
+    if (!r) {
+        if (st->cluster)
+            cluster__on_lost(st, c);
+        store__req_fail(rq, STORE_EDOWN);
+        return;
     }
-    if (!r)
-        reply_fail(rq, STORE_EDOWN);
-    else if (r->type == REDIS_REPLY_ERROR || reply_dispatch(rq, r) < 0)
+    if (r->type == REDIS_REPLY_ERROR) {
+        /* Scripts vanish on SCRIPT FLUSH or when a replica without them is promoted: reconnect,
+         * which loads them again. This request fails; its sender retries. */
+        if (strncmp(r->str, "NOSCRIPT", 8) == 0)
+            rconn_reload(c, "scripts missing in Redis (NOSCRIPT); reloading");
+        else if (st->cluster && cluster__on_error(st, rq, c, r))
+            return;
+        store__req_fail(rq, STORE_EREPLY);
+        return;
+    }
+    if (rq->kind == REQ_PUT && st->wait_replicas && !rq->held) {
+        int rc = wait_replicas(rq, c, r);
+        if (rc < 0)
+            store__req_fail(rq, rc);
+        return;
+    }
+    if (reply_dispatch(rq, r) < 0)
         reply_fail(rq, STORE_EREPLY);
-    store_req_free(rq);
+    req_done(rq);
+}
+
+/* A copy of the command in one allocation, for a cluster to send it again. */
+static int req_own_argv(req_t *rq, int argc, const char **argv, const size_t *lens)
+{
+    size_t bytes = 0;
+    for (int i = 0; i < argc; i++)
+        bytes += lens[i] + 1;
+    char *block = malloc((size_t)argc * (sizeof(char *) + sizeof(size_t)) + bytes);
+    if (!block)
+        return STORE_ENOMEM;
+    rq->argv = (const char **)(void *)block;
+    rq->lens = (size_t *)(void *)(block + (size_t)argc * sizeof(char *));
+    char *p = block + (size_t)argc * (sizeof(char *) + sizeof(size_t));
+    for (int i = 0; i < argc; i++) {
+        memcpy(p, argv[i], lens[i]);
+        p[lens[i]] = '\0';
+        rq->argv[i] = p;
+        rq->lens[i] = lens[i];
+        p += lens[i] + 1;
+    }
+    rq->argc = argc;
+    return 0;
 }
 
 /* Sends argv as one command; rq is consumed either way. */
 static int send_argv(store_t *st, req_t *rq, int argc, const char **argv, const size_t *lens)
 {
-    if (!st->connected || !st->ac) {
+    int rc = 0;
+    if (st->closing || (st->cluster ? !cluster__has_map(st) : !st->connected))
+        rc = STORE_EDOWN;
+    else if (st->inflight >= st->max_inflight)
+        rc = STORE_EBUSY;
+    if (rc < 0) {
         store_req_free(rq);
-        return STORE_EDOWN;
-    }
-    if (st->inflight >= st->max_inflight) {
-        store_req_free(rq);
-        return STORE_EBUSY;
+        return rc;
     }
     rq->st = st;
-    if (redisAsyncCommandArgv(st->ac, on_reply, rq, argc, argv, lens) != REDIS_OK) {
+    if (st->cluster) {
+        if (req_own_argv(rq, argc, argv, lens) < 0) {
+            store_req_free(rq);
+            return STORE_ENOMEM;
+        }
+        st->inflight++;
+        rq->deadline = uv_now(st->loop) + st->timeout_ms;
+        cluster__dispatch(st, rq);
+        return 0;
+    }
+    rq->conn = st->single;
+    if (rconn_send(st->single, store__on_reply, rq, argc, argv, lens) < 0) {
         store_req_free(rq);
         return STORE_EDOWN;
     }
-    if (st->inflight++ == 0)
-        st->last_progress = uv_now(st->loop);
+    st->inflight++;
     return 0;
 }
 
@@ -558,6 +586,9 @@ void store_req_free(req_t *rq)
 {
     if (rq) {
         free(rq->user);
+        free(rq->argv);
+        if (rq->held)
+            freeReplyObject(rq->held);
         free(rq);
     }
 }
@@ -665,7 +696,7 @@ int store_put_message(store_t *st, const store_put_t *p, store_put_cb cb, void *
     /* A single Redis runs the index updates inside the put script, atomically; a cluster needs
      * them sent first, to the shard's own slot (storage/sweep.c). */
     char keys[4][INDEX_KEY_MAX];
-    if (st->cluster && st->connected)
+    if (st->cluster)
         store_index_put(st, p->user, p->track ? p->now_ms + p->retry_ms : 0, p->now_ms);
     store_cmd_evalsha(&c, st, STORE_SCRIPT_PUT, st->cluster ? 1 : 5);
     store_cmd_add(&c, prefix);

@@ -1,4 +1,5 @@
-/* Redis hot state: one hiredis async connection on the caller's libuv loop.
+/* Redis hot state: hiredis async connections on the caller's libuv loop, to one Redis or to the
+ * masters of a Redis Cluster (storage/cluster.c).
  *
  * Contract for every request (hiredis' own): a call that returns 0 runs its callback exactly once,
  * with err != 0 when Redis failed or the connection dropped; a call that returns < 0 (not
@@ -31,9 +32,16 @@ typedef struct store_config {
     /* A Redis that answers nothing for this long (paused, wedged, network black hole) is dropped:
      * requests in flight fail with STORE_EDOWN and the store reconnects. 0: 5000. */
     unsigned timeout_ms;
+    /* Redis Cluster seeds, "host:port,host:port,..."; NULL or "" for the single Redis above. */
+    const char *cluster;
+    /* After each put, WAIT until this many replicas have it (0: do not wait) ... */
+    unsigned wait_replicas;
+    /* ... for at most this long (0: 1000); a put they did not confirm fails with STORE_EDOWN. */
+    unsigned wait_timeout_ms;
 } store_config_t;
 
-/* connected: 1 when (re)connected and scripts are loaded, 0 when the connection was lost or a
+/* connected: 1 when (re)connected and scripts are loaded (in a cluster: on every master, with
+ * every slot served), 0 when the connection was lost or a
  * connect attempt failed (err then says why). */
 typedef void (*store_state_cb)(void *ud, int connected, const char *err);
 
@@ -56,7 +64,7 @@ typedef enum {
     STORE_PUT_OFFLINE, /* in the recipient's offline queue */
     STORE_PUT_DUP,     /* seen before within the dedupe window: sid is the first one's */
     STORE_PUT_FULL,    /* over the recipient's quota: nothing stored */
-    STORE_PUT_COLD,    /* the recipient has no state in Redis (new, or evicted): see store_restore */
+    STORE_PUT_COLD, /* the recipient has no state in Redis (new, or evicted): see store_restore */
 } store_put_status_t;
 
 typedef struct store_put {
@@ -96,9 +104,9 @@ typedef void (*store_items_cb)(void *ud, int err, const store_item_t *items, siz
 typedef struct store_ack_result {
     const store_item_t *items; /* acked for the first time by any device: the receipts to relay */
     size_t n;
-    bool archived;                 /* the user has messages in the archive: ack there too */
-    const char *known;             /* the user's known devices, newline-separated */
-    const char *const *found;      /* the sids that were in Redis */
+    bool archived;            /* the user has messages in the archive: ack there too */
+    const char *known;        /* the user's known devices, newline-separated */
+    const char *const *found; /* the sids that were in Redis */
     size_t nfound;
 } store_ack_result_t;
 typedef void (*store_ack_cb)(void *ud, int err, const store_ack_result_t *res);
@@ -128,7 +136,8 @@ int store_epoch_next(store_t *st, store_epoch_cb cb, void *ud);
 /* The epoch every script runs with (decides who is online); "0" matches nobody. */
 void store_set_epoch(store_t *st, const char *epoch);
 
-/* --- retransmission ---------------------------------------------------------------------------- */
+/* --- retransmission ----------------------------------------------------------------------------
+ */
 typedef struct store_due {
     const char *user;
     const char *resource;

@@ -11,6 +11,8 @@
 #include "slots.h"
 #include "store.h"
 
+struct cluster;
+
 struct store {
     uv_loop_t *loop;
     char *host;
@@ -18,24 +20,22 @@ struct store {
     char *socket;
     char *password;
     unsigned timeout_ms;
-    uv_timer_t watchdog;
-    uint64_t last_progress; /* loop time of the last reply, or of the first request in flight */
+    uv_timer_t tick; /* the watchdog; in a cluster also parked requests and map refreshes */
     unsigned max_inflight;
-    redisAsyncContext *ac;
-    bool connected;
+    bool connected; /* a single Redis: its connection is ready; a cluster: every master's is */
     bool closing;
-    int timer_closed; /* how many of the two timers have closed */
-    uv_timer_t retry_timer;
-    unsigned backoff_ms;
-    unsigned inflight;
-    unsigned scripts_pending; /* SCRIPT LOAD replies still to come on this connection */
-    bool scripts_failed;
-    char load_error[128];
+    bool tick_closed;
+    unsigned conns;    /* rconns not yet freed: the store outlives them */
+    unsigned inflight; /* requests accepted and not yet answered (sent, parked or waiting) */
     char sha[STORE_SCRIPT_COUNT][41];
     store_state_cb on_state;
     void *ud;
     char epoch[24]; /* the link epoch every script gets as its first argument */
-    bool cluster;   /* Redis Cluster: no script may touch two slots (not supported yet) */
+    bool cluster;   /* Redis Cluster (storage/cluster.c): no script may touch two slots */
+    struct rconn *single;
+    struct cluster *cl;
+    unsigned wait_replicas; /* WAIT for this many replicas after a put, before answering it */
+    unsigned wait_timeout_ms;
 };
 
 typedef enum {
@@ -48,7 +48,7 @@ typedef enum {
     REQ_SUMMARY,
     REQ_FETCH,
     REQ_STRING,
-    REQ_VALUE, /* a plain string reply (or nil) */
+    REQ_VALUE,    /* a plain string reply (or nil) */
     REQ_REGISTRY, /* presence and bounce: keeps the online index in step */
     REQ_IGNORE,
     REQ_SWEEP /* storage/sweep.c */
@@ -75,6 +75,17 @@ typedef struct req {
     int step;            /* REQ_SWEEP: which reply this is */
     char *user;          /* REQ_SWEEP, REQ_REGISTRY: owned */
     unsigned shard;
+    struct rconn *conn; /* where the command waits for its reply */
+    redisReply *held;   /* a put's reply, kept while WAIT runs (owned) */
+    /* A cluster may have to send the command again (MOVED, ASK, TRYAGAIN): it keeps a copy. */
+    int argc;
+    const char **argv; /* one allocation with lens and the bytes */
+    size_t *lens;
+    uint64_t deadline;   /* loop time after which a parked request fails */
+    uint64_t not_before; /* loop time before which a parked request is not sent again */
+    unsigned redirects;  /* MOVED followed */
+    unsigned tries;      /* times parked and sent again */
+    struct req *next;    /* the parked list */
 } req_t;
 
 /* Most commands are an EVALSHA of short string arguments; this builds and sends one. args may
@@ -89,7 +100,6 @@ typedef struct cmd {
     int nkeys;
     const char *epoch; /* still to add after the keys; NULL once added (or not a script) */
 } cmd_t;
-
 
 #define PREFIX_MAX 3200
 #define INDEX_KEY_MAX 32
@@ -110,6 +120,25 @@ int store_user_prefix(char *buf, size_t len, const char *user);
 bool store_reply_is_str(const redisReply *r);
 int store_reply_pairs(const redisReply *arr, size_t from, store_item_t **items, size_t *n);
 int store_reply_old_msgs(const redisReply *m, store_old_msg_t **out, size_t *n);
+
+/* Completes a request with an error (its callback runs) and frees it. */
+void store__req_fail(req_t *rq, int err);
+/* hiredis' reply callback of every request (privdata: the req_t). */
+void store__on_reply(redisAsyncContext *ac, void *reply, void *privdata);
+
+/* storage/cluster.c */
+int cluster__create(store_t *st, const char *seeds);
+void cluster__close(store_t *st);
+void cluster__on_conn(store_t *st, struct rconn *c, int ready, const char *err);
+/* Routes rq (which owns its argv) to its slot's master, or parks it for a retry. */
+void cluster__dispatch(store_t *st, req_t *rq);
+/* An error reply from c: true when it was a redirect or a retryable cluster error and rq was
+ * sent again or parked; false when it is the request's own error. */
+bool cluster__on_error(store_t *st, req_t *rq, struct rconn *c, const redisReply *r);
+/* c dropped a request (NULL reply): the map may have changed. */
+void cluster__on_lost(store_t *st, struct rconn *c);
+void cluster__tick(store_t *st, uint64_t now);
+bool cluster__has_map(const store_t *st);
 
 /* storage/sweep.c: index writes (fire and forget), and the replies and failures of REQ_SWEEP
  * requests. which: 1 due, 3 arch, 4 act (the index scripts' KEYS order). */

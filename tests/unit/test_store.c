@@ -61,9 +61,17 @@ static int put(const char *user, const char *sender, const char *id, bool track,
     proto_buf_init(&b);
     store_blob_encode(&b, now, track ? STORE_BLOB_RECEIPT : 0, "alice@t1/phone", "chat", id,
                       "<body>x</body>", 14);
-    store_put_t req = {.user = user, .sender = sender, .orig_id = id, .blob = b.data,
-                       .blob_len = b.len, .track = track, .now_ms = now, .retry_ms = 100,
-                       .window_ms = 1000, .dedupe_s = 60, .max_messages = max_n,
+    store_put_t req = {.user = user,
+                       .sender = sender,
+                       .orig_id = id,
+                       .blob = b.data,
+                       .blob_len = b.len,
+                       .track = track,
+                       .now_ms = now,
+                       .retry_ms = 100,
+                       .window_ms = 1000,
+                       .dedupe_s = 60,
+                       .max_messages = max_n,
                        .max_bytes = 1 << 20};
     int rc = store_put_message(st, &req, on_put, NULL);
     if (rc == 0)
@@ -699,8 +707,8 @@ static void wait_state(void)
 static void test_refused_connect_is_reported(void)
 {
     store_t *dead;
-    store_config_t cfg = {.host = "127.0.0.1", .port = atoi(getenv("REDIS_DEAD_PORT")),
-                          .max_inflight = 10};
+    store_config_t cfg = {
+        .host = "127.0.0.1", .port = atoi(getenv("REDIS_DEAD_PORT")), .max_inflight = 10};
     connected = -1;
     CHECK(store_create(&loop, &cfg, on_state, NULL, &dead) == 0);
     wait_state();
@@ -713,8 +721,8 @@ static void test_refused_connect_is_reported(void)
 static void test_socket_and_auth(void)
 {
     store_t *s2;
-    store_config_t cfg = {.socket = getenv("REDIS_SOCKET"), .password = getenv("REDIS_PASSWORD"),
-                          .max_inflight = 1};
+    store_config_t cfg = {
+        .socket = getenv("REDIS_SOCKET"), .password = getenv("REDIS_PASSWORD"), .max_inflight = 1};
     connected = -1;
     CHECK(store_create(&loop, &cfg, on_state, NULL, &s2) == 0);
     wait_state();
@@ -727,8 +735,10 @@ static void test_socket_and_auth(void)
     store_close(s2);
 
     /* A wrong password is reported as a failure, not taken for a connection. */
-    store_config_t bad = {.host = "127.0.0.1", .port = atoi(getenv("REDIS_PORT")),
-                          .password = "wrong", .max_inflight = 10};
+    store_config_t bad = {.host = "127.0.0.1",
+                          .port = atoi(getenv("REDIS_PORT")),
+                          .password = "wrong",
+                          .max_inflight = 10};
     connected = -1;
     CHECK(store_create(&loop, &bad, on_state, NULL, &s2) == 0);
     wait_state();
@@ -748,7 +758,7 @@ static void test_paused_redis_times_out(void)
     connected = -1;
     run_until_done(); /* the epoch callback, with an error, after ~300 ms */
     CHECK(epoch[0] == '\0');
-    wait_state();     /* the state change may have come first */
+    wait_state(); /* the state change may have come first */
     CHECK(connected == 0 || !store_is_connected(st));
     kill(pid, SIGCONT);
     connected = -1;
@@ -770,16 +780,30 @@ static void test_closed_store_refuses(void)
 
 int main(void)
 {
+    /* The same tests run against a single Redis (with-redis.sh) and against a three-master
+     * Redis Cluster (with-cluster.sh), through the same store API. */
     const char *port = getenv("REDIS_PORT");
-    if (!port) {
-        fprintf(stderr, "REDIS_PORT is not set: run through tests/unit/with-redis.sh\n");
+    const char *cports = getenv("CLUSTER_PORTS");
+    char seeds[512] = "";
+    if (cports) {
+        char copy[256];
+        snprintf(copy, sizeof copy, "%s", cports);
+        for (char *save, *p = strtok_r(copy, " ", &save); p; p = strtok_r(NULL, " ", &save))
+            snprintf(seeds + strlen(seeds), sizeof seeds - strlen(seeds), "%s127.0.0.1:%s",
+                     seeds[0] ? "," : "", p);
+    } else if (!port) {
+        fprintf(stderr, "REDIS_PORT is not set: run through tests/unit/with-redis.sh or "
+                        "with-cluster.sh\n");
         return 1;
     }
     uv_loop_init(&loop);
     uv_timer_init(&loop, &tick);
-    store_config_t cfg = {.host = "127.0.0.1", .port = atoi(port),
-                          .password = getenv("REDIS_PASSWORD"), .max_inflight = 100,
-                          .timeout_ms = 300};
+    store_config_t cfg = {.host = "127.0.0.1",
+                          .port = port ? atoi(port) : 0,
+                          .password = getenv("REDIS_PASSWORD"),
+                          .max_inflight = 100,
+                          .timeout_ms = 300,
+                          .cluster = cports ? seeds : NULL};
     CHECK(store_create(&loop, &cfg, on_state, NULL, &st) == 0);
     run_until_done();
     CHECK(connected == 1);
@@ -789,10 +813,13 @@ int main(void)
         test_per_device();
         test_archive();
         test_evict();
-        test_socket_and_auth();
-        test_paused_redis_times_out();
+        if (!cports) {
+            test_socket_and_auth();
+            test_paused_redis_times_out();
+        }
     }
-    test_refused_connect_is_reported();
+    if (!cports)
+        test_refused_connect_is_reported();
     test_closed_store_refuses();
     return check_report();
 }
