@@ -1,6 +1,7 @@
 /* receiptd --stats. Redis is read with a plain blocking hiredis connection (SCAN over the
  * per-user queue keys, so it is proportional to the number of users, and fine for an operator's
- * occasional look); the archive is read through storage/archive on a private loop. */
+ * occasional look; on a cluster, every master in turn); the archive is read through
+ * storage/archive on a private loop. */
 #include "stats.h"
 
 #include <hiredis/hiredis.h>
@@ -8,18 +9,20 @@
 #include <string.h>
 
 #include "archive.h"
+#include "cluster_map.h"
 
 typedef struct tier {
     uint64_t users, messages, bytes, evicted;
     int err;
 } tier_t;
 
-static redisContext *redis_open(const config_t *cfg)
+static redisContext *redis_open(const config_t *cfg, const char *host, int port)
 {
     struct timeval tv = {5, 0};
-    redisContext *c = cfg->redis_socket ? redisConnectUnixWithTimeout(cfg->redis_socket, tv)
-                                        : redisConnectWithTimeout(cfg->redis_host, cfg->redis_port,
-                                                                  tv);
+    redisContext *c = cfg->redis_socket && !host
+                          ? redisConnectUnixWithTimeout(cfg->redis_socket, tv)
+                          : redisConnectWithTimeout(host ? host : cfg->redis_host,
+                                                    host ? port : cfg->redis_port, tv);
     if (!c || c->err) {
         fprintf(stderr, "receiptd: --stats: Redis: %s\n", c ? c->errstr : "out of memory");
         if (c)
@@ -39,22 +42,16 @@ static redisContext *redis_open(const config_t *cfg)
     return c;
 }
 
-static tier_t redis_totals(const config_t *cfg)
+/* Adds what the node behind c holds to t; returns -1 when a command failed. */
+static int scan_node(redisContext *c, tier_t *t)
 {
-    tier_t t = {0};
-    redisContext *c = redis_open(cfg);
-    if (!c) {
-        t.err = 1;
-        return t;
-    }
     char cursor[32] = "0";
     do {
         redisReply *r = redisCommand(c, "SCAN %s MATCH rd:{*}:q COUNT 1000", cursor);
         if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 2) {
             fprintf(stderr, "receiptd: --stats: Redis SCAN failed\n");
             freeReplyObject(r);
-            t.err = 1;
-            break;
+            return -1;
         }
         snprintf(cursor, sizeof cursor, "%s", r->element[0]->str);
         for (size_t i = 0; i < r->element[1]->elements; i++) {
@@ -62,17 +59,69 @@ static tier_t redis_totals(const config_t *cfg)
             redisReply *n = redisCommand(c, "ZCARD %s", key);
             redisReply *b = redisCommand(c, "GET %s%s", key, "b");
             if (n && n->type == REDIS_REPLY_INTEGER && n->integer > 0) {
-                t.users++;
-                t.messages += (uint64_t)n->integer;
+                t->users++;
+                t->messages += (uint64_t)n->integer;
                 if (b && b->type == REDIS_REPLY_STRING)
-                    t.bytes += strtoull(b->str, NULL, 10);
+                    t->bytes += strtoull(b->str, NULL, 10);
             }
             freeReplyObject(n);
             freeReplyObject(b);
         }
         freeReplyObject(r);
     } while (strcmp(cursor, "0") != 0);
-    redisFree(c);
+    return 0;
+}
+
+/* A cluster: the first seed that answers CLUSTER SLOTS names the masters; each is scanned. */
+static void cluster_totals(const config_t *cfg, tier_t *t)
+{
+    cluster_seed_t seeds[CLUSTER_SEEDS_MAX];
+    size_t nseeds = 0;
+    cluster_map_t *m = cluster_map_create();
+    bool have = false;
+    t->err = 1;
+    if (!m || cluster_parse_seeds(cfg->redis_cluster, seeds, CLUSTER_SEEDS_MAX, &nseeds) < 0) {
+        cluster_map_free(m);
+        return;
+    }
+    for (size_t i = 0; i < nseeds && !have; i++) {
+        redisContext *c = redis_open(cfg, seeds[i].host, seeds[i].port);
+        redisReply *r = c ? redisCommand(c, "CLUSTER SLOTS") : NULL;
+        have = r && cluster_map_from_slots(m, r, seeds[i].host, NULL, NULL) == 0;
+        freeReplyObject(r);
+        if (c)
+            redisFree(c);
+    }
+    if (have) {
+        t->err = 0;
+        for (int i = 0; i < m->nnodes && !t->err; i++) {
+            cluster_node_t *n = cluster_map_node(m, i);
+            if (!n || !n->master)
+                continue;
+            redisContext *c = redis_open(cfg, n->host, n->port);
+            if (!c || scan_node(c, t) < 0)
+                t->err = 1;
+            if (c)
+                redisFree(c);
+        }
+    } else {
+        fprintf(stderr, "receiptd: --stats: no seed of the Redis Cluster answered CLUSTER SLOTS\n");
+    }
+    cluster_map_free(m);
+}
+
+static tier_t redis_totals(const config_t *cfg)
+{
+    tier_t t = {0};
+    if (cfg->redis_cluster) {
+        cluster_totals(cfg, &t);
+        return t;
+    }
+    redisContext *c = redis_open(cfg, NULL, 0);
+    if (!c || scan_node(c, &t) < 0)
+        t.err = 1;
+    if (c)
+        redisFree(c);
     return t;
 }
 
