@@ -292,6 +292,10 @@ int main(int argc, char **argv)
     char where[1200];
     log_info("receiptd %s: component %s, server %s:%d, %s", RECEIPTD_VERSION, d->cfg.jid,
              d->cfg.server_host, d->cfg.server_port, redis_where(&d->cfg, where, sizeof where));
+    if (d->cfg.redis_wait_replicas)
+        log_info("store: <stored/> waits for %u Redis replica(s) to have each message (WAIT, at "
+                 "most %lld ms; unconfirmed puts get a wait error)",
+                 d->cfg.redis_wait_replicas, (long long)d->cfg.redis_wait_timeout_ms);
     link_start(d->link);
 
     uv_run(&loop, UV_RUN_DEFAULT);

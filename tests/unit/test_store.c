@@ -747,6 +747,29 @@ static void test_socket_and_auth(void)
     store_close(s2);
 }
 
+/* wait_replicas: without a replica to confirm it, a put is answered with a wait error (after
+ * wait_timeout), never with success, although the master has it: the retry is then a dup. */
+static void test_wait_replicas(const store_config_t *base)
+{
+    store_config_t cfg = *base;
+    cfg.wait_replicas = 1;
+    cfg.wait_timeout_ms = 100;
+    store_t *keep = st, *s2;
+    connected = -1;
+    CHECK(store_create(&loop, &cfg, on_state, NULL, &s2) == 0);
+    wait_state();
+    CHECK(connected == 1);
+    CHECK(put("waiter@t1", "alice@t1", "w0", true, 100, 5000) == 0); /* creates the user */
+    CHECK(put_err == 0);
+    st = s2;
+    CHECK(put("waiter@t1", "alice@t1", "w1", true, 100, 5000) == 0);
+    CHECK(put_err == STORE_EDOWN);
+    st = keep;
+    CHECK(put("waiter@t1", "alice@t1", "w1", true, 100, 5000) == 0);
+    CHECK(put_err == 0 && put_res.status == STORE_PUT_DUP);
+    store_close(s2);
+}
+
 /* A paused Redis must not hold requests forever: past the timeout they fail and the store
  * reconnects once Redis answers again. */
 static void test_paused_redis_times_out(void)
@@ -813,6 +836,7 @@ int main(void)
         test_per_device();
         test_archive();
         test_evict();
+        test_wait_replicas(&cfg);
         if (!cports) {
             test_socket_and_auth();
             test_paused_redis_times_out();
