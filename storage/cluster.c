@@ -328,6 +328,8 @@ bool cluster__on_error(store_t *st, req_t *rq, rconn_t *c, const redisReply *r)
 {
     struct cluster *cl = st->cl;
     cluster_redirect_t rd;
+    if (!cl) /* closing: replies still arrive on the connections being closed */
+        return false;
     int kind = cluster_parse_redirect(r->str, r->len, &rd);
     if (kind < 0) {
         /* A MOVED or ASK without a usable address: the map knows better. */
@@ -380,7 +382,8 @@ bool cluster__on_error(store_t *st, req_t *rq, rconn_t *c, const redisReply *r)
 void cluster__on_lost(store_t *st, rconn_t *c)
 {
     (void)c;
-    want_refresh(st->cl);
+    if (st->cl)
+        want_refresh(st->cl);
 }
 
 void cluster__tick(store_t *st, uint64_t now)
