@@ -4,9 +4,13 @@
     /usr/bin/python3 tests/e2e/run.py --list [--server S]
     /usr/bin/python3 tests/e2e/run.py NAME [--server prosody|ejabberd] [--receiptd PATH] [-v] [--keep]
     /usr/bin/python3 tests/e2e/run.py --all [--server S]
+    ... [--redis cluster]
 
 The server is --server, else $E2E_SERVER, else prosody. --list prints the scenarios that run on
-that server (a few are ejabberd-only). Exit status 0 = pass, 1 = fail (the reason is printed,
+that server (a few are ejabberd-only). --redis cluster (or E2E_REDIS=cluster) runs the scenario
+against a Redis Cluster of 3 masters + 3 replicas instead of one Redis (receiptd's component.ini
+then has `[redis] cluster = <seeds>`); only the scenarios of scenarios.CLUSTER_SCENARIOS run
+there (--list --redis cluster names them; the others exit 77). Exit status 0 = pass, 1 = fail (the reason is printed,
 followed by the process logs), 77 = skipped (scenario not meant for that server).
 The receiptd binary comes from --receiptd, else $RECEIPTD, else build/component/receiptd.
 """
@@ -26,9 +30,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
 
-def run_one(name, binary=None, verbose=False, keep=False, server=None):
+def run_one(name, binary=None, verbose=False, keep=False, server=None, redis=None):
     import scenarios
     server = harness.server_name(server)
+    redis = harness.redis_mode(redis)
     sc = scenarios.SCENARIOS.get(name)
     if sc is None:
         print("unknown scenario %r; known: %s" % (name, ", ".join(scenarios.names())))
@@ -36,11 +41,15 @@ def run_one(name, binary=None, verbose=False, keep=False, server=None):
     if server not in sc.servers:
         print("SKIP %s: runs on %s only, not on %s" % (name, ", ".join(sc.servers), server))
         return 77
-    print("=== e2e %s on %s: %s" % (name, server, sc.doc), flush=True)
+    if redis == "cluster" and name not in scenarios.CLUSTER_SCENARIOS:
+        print("SKIP %s: not one of the Redis Cluster scenarios (scenarios.CLUSTER_SCENARIOS)" % name)
+        return 77
+    on = server + (" with a Redis Cluster" if redis == "cluster" else "")
+    print("=== e2e %s on %s: %s" % (name, on, sc.doc), flush=True)
     t_start = time.monotonic()
     reason = None
     stack = harness.Stack(receiptd=binary, delivery=sc.delivery, extra=sc.extra, keep=keep or None,
-                          server=server,
+                          server=server, redis=redis,
                           receiptd_count=sc.receiptds)
     try:
         with stack:
@@ -89,9 +98,9 @@ def run_one(name, binary=None, verbose=False, keep=False, server=None):
         reason = reason or "harness: unexpected %s: %s\n%s" % (type(e).__name__, e, traceback.format_exc())
     took = time.monotonic() - t_start
     if reason is None:
-        print("PASS %s on %s (%.1fs)" % (name, server, took), flush=True)
+        print("PASS %s on %s (%.1fs)" % (name, on, took), flush=True)
         return 0
-    print("FAIL %s on %s (%.1fs): %s" % (name, server, took, reason), flush=True)
+    print("FAIL %s on %s (%.1fs): %s" % (name, on, took, reason), flush=True)
     return 1
 
 
@@ -109,22 +118,25 @@ def main():
     ap.add_argument("--receiptd", help="receiptd binary")
     ap.add_argument("--server", choices=sorted(harness.SERVERS),
                     help="XMPP server: prosody or ejabberd (default: $E2E_SERVER, else prosody)")
+    ap.add_argument("--redis", choices=harness.REDIS_MODES,
+                    help="one Redis (single) or a 3+3 Redis Cluster (default: $E2E_REDIS, else single)")
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging of slixmpp")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir")
     args = ap.parse_args()
     try:
         server = harness.server_name(args.server)
+        redis = harness.redis_mode(args.redis)
     except harness.HarnessError as e:
         ap.error(str(e))
     if args.list:
         import scenarios
-        print("\n".join(scenarios.names(server)))
+        print("\n".join(scenarios.names(server, redis)))
         return 0
     if args.all:
         import scenarios
         results = []
-        for n in scenarios.names(server):
-            cmd = [sys.executable, os.path.abspath(__file__), n, "--server", server]
+        for n in scenarios.names(server, redis):
+            cmd = [sys.executable, os.path.abspath(__file__), n, "--server", server, "--redis", redis]
             if args.receiptd:
                 cmd += ["--receiptd", args.receiptd]
             r = subprocess.run(cmd)
@@ -135,7 +147,7 @@ def main():
         ap.error("scenario name required (or --list / --all)")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.ERROR,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return run_one(args.name, args.receiptd, args.verbose, args.keep, server)
+    return run_one(args.name, args.receiptd, args.verbose, args.keep, server, redis)
 
 
 if __name__ == "__main__":
