@@ -901,15 +901,19 @@ def redis_pipeline(port, cmds):
         return [reply() for _ in cmds]
 
 
+INDEX_SHARDS = 16       # storage/slots.h: the cross-user indexes are rd:{#0}: .. rd:{#15}:
+
+
 def redis_state_sync(port):
-    """The delivery state Redis holds for the recipients: pending sids, offline count, blobs, due."""
+    """The delivery state Redis holds for the recipients: pending sids, offline count, blobs, and
+    the users left in the retransmission index (rd:{#N}:due, summed over the shards)."""
     cmds = []
     for r in RECIPIENTS:
         p = "rd:{%s@%s}" % (r, DOMAIN)
         cmds += [("ZRANGE", p + ":p", 0, -1), ("ZCARD", p + ":q"), ("HLEN", p + ":m")]
-    cmds.append(("ZCARD", "rd:due"))
+    cmds += [("ZCARD", "rd:{#%d}:due" % n) for n in range(INDEX_SHARDS)]
     res = redis_pipeline(port, cmds)
-    st = {"pending": {}, "q": 0, "m": 0, "due": res[-1]}
+    st = {"pending": {}, "q": 0, "m": 0, "due": sum(res[3 * len(RECIPIENTS):])}
     for i, r in enumerate(RECIPIENTS):
         # members of P:p are "<stanza-id> <resource>" (one pending delivery per device)
         st["pending"][r] = [m.split(" ", 1)[0] for m in res[3 * i]]
@@ -974,7 +978,8 @@ async def t_standby(ctx):
     st.receiptd = survivor
     pending_at_kill = await redis_state(ctx)
     n_pending = sum(len(v) for v in pending_at_kill["pending"].values())
-    ctx.say("Redis after the kill: %d pending deliveries, %d offline", n_pending, pending_at_kill["q"])
+    ctx.say("Redis after the kill: %d pending deliveries, %d offline, %d users due", n_pending,
+            pending_at_kill["q"], pending_at_kill["due"])
     info = {}
     if server == "prosody":
         end = now() + 15
