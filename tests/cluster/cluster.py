@@ -892,15 +892,21 @@ class RedisCluster:
 
     # ---------------------------------------------------------------- resharding
 
-    def migrate_slots(self, src_port, dst_port, slots, batch=100, migrate_timeout_ms=5000):
+    def migrate_slots(self, src_port, dst_port, slots, batch=100, migrate_timeout_ms=5000, pause=0.0,
+                      on_slot=None):
         """Move slots (with their keys) from one master to another while clients keep working:
         IMPORTING on dst, MIGRATING on src, MIGRATE ... KEYS in batches until the slot is empty,
-        then SETSLOT NODE on dst, src and every other master. Returns the number of keys moved."""
+        then SETSLOT NODE on dst, src and every other master. Returns the number of keys moved.
+        pause: seconds to sleep after each MIGRATE batch (keeps a slot with keys half-moved, the
+        state in which clients get ASK / TRYAGAIN, for longer); on_slot(slot, keys, t_open, t_done)
+        is called after each slot (monotonic times of IMPORTING and of the last SETSLOT NODE)."""
         src_id, dst_id = self.myid(src_port), self.myid(dst_port)
         others = [p for p in self.masters() if p not in (src_port, dst_port)]
         auth = ["AUTH", self.password] if self.password else []
         moved = 0
         for slot in slots:
+            t_open = time.monotonic()
+            in_slot = 0
             self.command(dst_port, "CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
             self.command(src_port, "CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
             while True:
@@ -910,6 +916,9 @@ class RedisCluster:
                 self.command(src_port, "MIGRATE", HOST, dst_port, "", 0, migrate_timeout_ms,
                              *auth, "KEYS", *keys)
                 moved += len(keys)
+                in_slot += len(keys)
+                if pause:
+                    time.sleep(pause)
             self.command(dst_port, "CLUSTER", "SETSLOT", slot, "NODE", dst_id)
             self.command(src_port, "CLUSTER", "SETSLOT", slot, "NODE", dst_id)
             for p in others:
@@ -917,9 +926,12 @@ class RedisCluster:
                     self.command(p, "CLUSTER", "SETSLOT", slot, "NODE", dst_id)
                 except (OSError, ReplyError):
                     pass        # gossip tells it anyway (dst bumped its config epoch)
+            if on_slot is not None:
+                on_slot(slot, in_slot, t_open, time.monotonic())
         return moved
 
-    def reshard(self, n_slots, src_port, dst_port, slots=None, wait=True, timeout=30, batch=100):
+    def reshard(self, n_slots, src_port, dst_port, slots=None, wait=True, timeout=30, batch=100, pause=0.0,
+                on_slot=None):
         """Move n_slots slots (the lowest-numbered ones src serves, or `slots`) from src to dst with
         migrate_slots(), then wait until every node agrees. Returns (slots, keys moved, seconds)."""
         t0 = time.monotonic()
@@ -928,7 +940,7 @@ class RedisCluster:
         if len(slots) < n_slots:
             raise ClusterError("master %d serves only %d slots" % (src_port, len(slots)))
         self._note("resharding %d slots %s from %d to %d", len(slots), ranges(slots)[:4], src_port, dst_port)
-        keys = self.migrate_slots(src_port, dst_port, slots, batch=batch)
+        keys = self.migrate_slots(src_port, dst_port, slots, batch=batch, pause=pause, on_slot=on_slot)
         if wait:
             self.wait_ok(timeout=timeout)
         dt = time.monotonic() - t0
