@@ -23,6 +23,7 @@ Redis ends empty (nothing pending, queued or scheduled is left behind).
 """
 
 import asyncio
+import collections
 import os
 import random
 import re
@@ -389,12 +390,16 @@ class IqFailed(Exception):
 
 
 class FaultStack:
-    """Redis + the XMPP server (with the fault users) + receiptd in one temp dir; always cleaned up."""
+    """Redis + the XMPP server (with the fault users) + receiptd in one temp dir; always cleaned up.
+    redis='cluster': a Redis Cluster (3 masters + 3 replicas, harness.ClusterRedis; `cluster_kw`
+    goes to RedisCluster) instead of one Redis; `cluster` is then its RedisCluster."""
 
-    def __init__(self, binary, extra=None, keep=False):
+    def __init__(self, binary, extra=None, keep=False, redis="single", cluster_kw=None):
         self.binary = binary
         self.extra = extra
         self.keep = keep
+        self.redis_mode = redis
+        self.cluster_kw = cluster_kw
         self.tmp = None
         self.redis = self.prosody = self.receiptd = None
         self.others = []          # further receiptd instances a test started (standby); logs + cleanup
@@ -405,19 +410,32 @@ class FaultStack:
         self.tmp = tempfile.mkdtemp(prefix="receiptd-faults-")
         os.chmod(self.tmp, 0o755)
         try:
-            self.redis = harness.Redis(self.tmp)
+            self.redis = harness.make_redis(self.tmp, self.redis_mode, self.cluster_kw)
+            if self.cluster is not None:
+                self.redis.start()      # receiptd's seeds are its ports
             # The XMPP server: Prosody, or ejabberd with E2E_SERVER=ejabberd (run.py --server).
             # Still called `prosody` here: the tests only start, stop and read its ports.
             self.prosody = harness.SERVERS[harness.server_name()](self.tmp, users=USERS)
             self.receiptd = harness.Receiptd(self.tmp, self.binary, self.prosody, self.redis,
                                              DELIVERY, self.extra)
-            self.redis.start()
+            if self.cluster is None:
+                self.redis.start()
             self.prosody.start()
             self.receiptd.start()
         except BaseException:
             self.close(failed=True)
             raise
         return self
+
+    @property
+    def cluster(self):
+        return getattr(self.redis, "cluster", None)
+
+    def key_command(self, key, *args):
+        """One command on the Redis (the master serving `key` on a cluster)."""
+        if self.cluster is not None:
+            return self.cluster.command_key(key, *args)
+        return redis_pipeline(self.redis.port, [args])[0]
 
     def __exit__(self, et, ev, tb):
         self.close(failed=et is not None)
@@ -452,6 +470,12 @@ class FaultStack:
         if self.prosody is not None:
             path = os.path.join(self.prosody.dir, "prosody.out")
             out.write("\n===== %s =====\n%s\n" % (path, harness.tail(path, 4000)))
+        if self.cluster is not None:
+            try:
+                out.write("\n===== CLUSTER NODES =====\n%s\n" % self.cluster.command(
+                    self.cluster.live_ports()[0], "CLUSTER", "NODES"))
+            except Exception as e:
+                out.write("\n===== CLUSTER NODES: %s =====\n" % e)
 
     def close(self, failed=False):
         try:
@@ -506,6 +530,10 @@ class Ctx:
         self.last_fault_at = None   # when the last fault was over (process back)
         self.post_checks = []       # async fn(ctx) run after the final check, clients still connected
         self.extra_counts = {}      # name -> text, printed on a line of its own by run.py
+        # cluster-failover: deliveries before this time under a stanza-id no <stored/> confirmed
+        # are left out of the lost / duplicate checks and listed in `excused` (see verdict)
+        self.excuse_unconfirmed_before = None
+        self.excused = []
 
     def say(self, fmt, *args):
         log(self.t0, fmt, *args)
@@ -549,14 +577,14 @@ class Ctx:
                         p = "rd:{%s}" % m.to
                         for cmd in (("HDEL", p + ":m", sid), ("ZREM", p + ":q", sid),
                                     ("ZREM", p + ":p", sid), ("HDEL", p + ":pw", sid)):
-                            await self.sync(self.stack.redis.command, *cmd)
+                            await self.sync(self.stack.key_command, cmd[1], *cmd)
                         self.say("SABOTAGE: deleted %s (%s %s) from Redis", sid, s.bare, m.mid)
                         return
             await asyncio.sleep(0.01)
         s = self.senders[0]
         m = next(m for m in s.msgs.values() if m.sids)
         key = "rd:{%s}:dd:%s %s" % (m.to, s.bare, m.mid)
-        await self.sync(self.stack.redis.command, "DEL", key)
+        await self.sync(self.stack.key_command, key, "DEL", key)
         s.outstanding[m.mid] = m
         m.next_at = now()
         self.say("SABOTAGE: deleted dedupe key %r and resent %s", key, m.mid)
@@ -619,8 +647,15 @@ class Ctx:
         raw = 0
         seen_sids = {}
         wrong = []
+        acked_sids = {sid for s in self.senders for m in s.msgs.values() for sid in m.sids}
         for r in self.recipients.values():
             for how, sid, sender, mid, _t in r.deliveries:
+                if (self.excuse_unconfirmed_before is not None and sid not in acked_sids
+                        and _t < self.excuse_unconfirmed_before):
+                    # cluster-failover: pushed before the failover under a stanza-id that no
+                    # <stored/> ever confirmed (its write died with the master); counted apart
+                    self.excused.append((r.bare, sid, sender, mid, how))
+                    continue
                 if (r.bare, sid) in seen_sids:
                     raw += 1
                 seen_sids[(r.bare, sid)] = (sender, mid)
@@ -672,11 +707,18 @@ class Ctx:
 TESTS = {}
 
 
-def fault_test(name, doc, n=900, rate=300, extra=None):
+def fault_test(name, doc, n=900, rate=300, extra=None, cluster=False, cluster_kw=None):
+    """cluster=True: the test runs against a Redis Cluster (FaultStack redis='cluster'), on
+    Prosody only in meson (run.py --list --redis cluster names these)."""
     def deco(fn):
-        TESTS[name] = dict(fn=fn, doc=doc, n=n, rate=rate, extra=extra)
+        TESTS[name] = dict(fn=fn, doc=doc, n=n, rate=rate, extra=extra, cluster=cluster,
+                           cluster_kw=cluster_kw)
         return fn
     return deco
+
+
+def names(redis="single"):
+    return [n for n, spec in TESTS.items() if spec["cluster"] == (redis == "cluster")]
 
 
 async def wait_log_count(ctx, needle, count, timeout=15):
@@ -922,7 +964,24 @@ def redis_state_sync(port):
     return st
 
 
+def cluster_state_sync(cluster):
+    """redis_state_sync() on a Redis Cluster: each key on the master serving it."""
+    st = {"pending": {}, "q": 0, "m": 0, "pw": 0, "due": 0}
+    for r in RECIPIENTS:
+        p = "rd:{%s@%s}" % (r, DOMAIN)
+        st["pending"][r] = [m.split(" ", 1)[0] for m in cluster.command_key(p, "ZRANGE", p + ":p", 0, -1)]
+        st["q"] += cluster.command_key(p, "ZCARD", p + ":q")
+        st["m"] += cluster.command_key(p, "HLEN", p + ":m")
+        st["pw"] += cluster.command_key(p, "HLEN", p + ":pw")
+    for n in range(INDEX_SHARDS):
+        k = "rd:{#%d}:due" % n
+        st["due"] += cluster.command_key(k, "ZCARD", k)
+    return st
+
+
 async def redis_state(ctx):
+    if ctx.stack.cluster is not None:
+        return await ctx.sync(cluster_state_sync, ctx.stack.cluster)
     return await ctx.sync(redis_state_sync, ctx.stack.redis.port)
 
 
@@ -1081,6 +1140,226 @@ async def t_standby(ctx):
                 "n/a(%d-stored-0.5..2.5s-after-kill)" % info["carried"] if "carried" in info else "none",
                 n_pending, info["redelivered"]))
 
+    ctx.post_checks.append(after_load)
+
+
+# ---------------------------------------------------------------- Redis Cluster
+
+def hot_keys():
+    """A key (hash tag) of every slot receiptd writes to in these tests: the users' state
+    rd:{bare}:..., the 16 index shards rd:{#N}:..., the link epoch rd:epoch."""
+    return (["rd:{%s@%s}" % (u, DOMAIN) for u in RECIPIENTS + SENDERS]
+            + ["rd:{#%d}" % n for n in range(INDEX_SHARDS)] + ["rd:epoch"])
+
+
+REDIRECT_ERRORS = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN", "LOADING", "NOSCRIPT", "READONLY")
+
+
+def cluster_counters(c):
+    """What the live nodes answered, summed: the redirection / error replies (INFO errorstats) and
+    ASKING / EVALSHA / WAIT calls (INFO commandstats). The harness itself sends no ASKING and no
+    EVALSHA, so those are receiptd's."""
+    out = collections.Counter()
+    for port in c.live_ports():
+        try:
+            for k, v in c.info(port, "errorstats").items():
+                kind = k[len("errorstat_"):]
+                if kind in REDIRECT_ERRORS:
+                    out[kind] += int(v.split("=", 1)[1])
+            for k, v in c.info(port, "commandstats").items():
+                cmd = k[len("cmdstat_"):]
+                if cmd in ("asking", "evalsha", "wait", "cluster|slots", "cluster|shards", "cluster|nodes"):
+                    out[cmd] += int(dict(x.split("=", 1) for x in v.split(","))["calls"])
+        except (OSError, harness.HarnessError, Exception):
+            continue
+    return out
+
+
+def counters_text(before, after):
+    keys = sorted(set(before) | set(after))
+    return " ".join("%s=%d" % (k, after[k] - before[k]) for k in keys if after[k] - before[k])
+
+
+def misplaced_keys(c):
+    """Keys stored on a master that does not serve their slot (left behind by a migration)."""
+    clmod = harness.load_cluster_module()
+    smap = c.slot_map()
+    bad = []
+    for port in c.masters():
+        for k in c.scan_keys(port):
+            if smap[clmod.key_slot(k)] != port:
+                bad.append("%s on %d (slot %d served by %s)" % (k, port, clmod.key_slot(k),
+                                                               smap[clmod.key_slot(k)]))
+    return bad
+
+
+async def wait_redis_clean(ctx, timeout=15):
+    """Drain the recipients' queues until nothing is pending, queued, stored or due for them."""
+    end = now() + timeout
+    while True:
+        for r in ctx.recipients.values():
+            try:
+                await r.drain_queue()
+            except (Disconnected, asyncio.TimeoutError, IqFailed) as e:
+                ctx.say("drain %s: %s", r.user, e)
+        rs = await redis_state(ctx)
+        clean = (not any(rs["pending"].values()) and rs["q"] == 0 and rs["m"] == 0
+                 and rs.get("pw", 0) == 0 and rs["due"] == 0)
+        if clean or now() > end:
+            break
+        await asyncio.sleep(0.5)
+    ctx.check(clean, "delivery state left in the Redis Cluster after the run: pending %s, offline %d, "
+              "blobs %d, windows %d, due %d", {k: len(v) for k, v in rs["pending"].items()}, rs["q"],
+              rs["m"], rs.get("pw", 0), rs["due"])
+    return clean
+
+
+RESHARD_PLAIN = 300          # slots without keys moved along per master and round
+RESHARD_BATCH = 10           # keys per MIGRATE
+RESHARD_PAUSE = 0.01         # s after each MIGRATE: a slot with keys stays half-moved for a while
+
+
+@fault_test("cluster-reshard", "Redis Cluster (3 masters + 3 replicas): twice during the load every "
+            "master hands its slots holding the test's keys (users, the 16 index shards, rd:epoch) and "
+            "%d other slots to the next master, live (MIGRATE in batches of %d: clients meet MOVED, ASK "
+            "and TRYAGAIN)" % (RESHARD_PLAIN, RESHARD_BATCH), cluster=True)
+async def t_cluster_reshard(ctx):
+    c = ctx.stack.cluster
+    clmod = harness.load_cluster_module()
+    hot = {clmod.key_slot(k) for k in hot_keys()}
+    before = await ctx.sync(cluster_counters, c)
+    info = {"slots": 0, "keys": 0, "hot_moves": 0, "hot_keys": 0, "longest": (0.0, None, 0), "secs": []}
+    for rnd, at in enumerate((0.2, 0.55)):
+        await ctx.wait_progress(at)
+        masters = await ctx.sync(c.masters)
+        plan = []
+        for i, src in enumerate(masters):
+            dst = masters[(i + 1) % len(masters)]
+            own = await ctx.sync(c.slots_of, src)
+            mine = [x for x in own if x in hot]
+            plain = [x for x in own if x not in hot][rnd::3][:RESHARD_PLAIN]   # scattered slots
+            half = len(plain) // 2
+            plan.append((src, dst, plain[:half] + mine + plain[half:], mine))
+        ctx.say("reshard round %d (load %.0f%%): %s", rnd + 1, 100 * ctx.load_progress(),
+                "; ".join("%d -> %d: %d slots, %d with our keys" % (a, b, len(sl), len(m))
+                          for a, b, sl, m in plan))
+        t0 = now()
+        for src, dst, slots, mine in plan:
+            def on_slot(slot, nkeys, t1, t2):
+                if slot in hot:
+                    info["hot_moves"] += 1
+                    info["hot_keys"] += nkeys
+                    if t2 - t1 > info["longest"][0]:
+                        info["longest"] = (t2 - t1, slot, nkeys)
+            moved = await ctx.sync(lambda: c.migrate_slots(src, dst, slots, batch=RESHARD_BATCH,
+                                                           pause=RESHARD_PAUSE, on_slot=on_slot))
+            info["slots"] += len(slots)
+            info["keys"] += moved
+        await c.wait_ok_async(timeout=20)
+        await ctx.sync(c.refresh_slots)
+        info["secs"].append(now() - t0)
+        ctx.say("reshard round %d done in %.2fs (load %.0f%%)", rnd + 1, now() - t0,
+                100 * ctx.load_progress())
+        ctx.faults_done += 1
+        ctx.last_fault_at = now()
+    ctx.check(info["hot_moves"] == 2 * len(hot), "moved %d slots with our keys, want %d (each of %d "
+              "twice)", info["hot_moves"], 2 * len(hot), len(hot))
+    ctx.check(info["hot_keys"] > 0, "the resharding moved no key of the test (nothing was live?)")
+
+    async def after_load(ctx):
+        await wait_redis_clean(ctx)
+        bad = await ctx.sync(misplaced_keys, c)
+        ctx.check(not bad, "%d keys on a master that does not serve their slot: %s", len(bad), bad[:5])
+        ok, why = await ctx.sync(c.check_state)
+        ctx.check(ok, "cluster not ok at the end: %s", why)
+        after = await ctx.sync(cluster_counters, c)
+        ctx.extra_counts["CLUSTER"] = (
+            "reshard rounds=2 slots-moved=%d keys-moved=%d slots-with-test-keys=%d(x2) "
+            "their-keys-moved=%d longest-slot-move=%.2fs(slot %s, %d keys) round-times=%s | redis saw: %s"
+            % (info["slots"], info["keys"], len(hot), info["hot_keys"], info["longest"][0],
+               info["longest"][1], info["longest"][2], "/".join("%.1fs" % x for x in info["secs"]),
+               counters_text(before, after) or "nothing"))
+    ctx.post_checks.append(after_load)
+
+
+FAILOVER_HOLD_S = 2.0        # s the promoted master runs without a replica before the old one returns
+
+
+@fault_test("cluster-failover", "Redis Cluster (3+3, cluster-node-timeout 1 s), [redis] wait_replicas = 1: "
+            "kill -9 of the master serving the recipients mid-run; its replica is promoted; for %g s it "
+            "has no replica (nothing may be acked), then the killed node returns as its replica; every "
+            "<stored/> message must survive" % FAILOVER_HOLD_S,
+            extra={"redis": {"wait_replicas": "1", "wait_timeout": "1"}}, cluster=True)
+async def t_cluster_failover(ctx):
+    c = ctx.stack.cluster
+    rd = ctx.stack.receiptd
+    owners = {r: await ctx.sync(c.owner, "rd:{%s@%s}" % (r, DOMAIN)) for r in RECIPIENTS}
+    victim = owners[RECIPIENTS[0]]
+    on_victim = [k for k in hot_keys() if await ctx.sync(c.owner, k) == victim]
+    ctx.say("the master on %d serves %s (of the recipients: %s)", victim, ", ".join(on_victim),
+            ", ".join(r for r, p in owners.items() if p == victim))
+    before = await ctx.sync(cluster_counters, c)
+    log_before = len(rd.log_text())
+    await ctx.wait_progress(0.3)
+    ctx.say("fault: kill -9 the master on %d (load %.0f%%)", victim, 100 * ctx.load_progress())
+    t_kill = now()
+    new = await ctx.sync(c.kill_master, victim)
+    ph = c.last_failover
+    t_promoted = t_kill + ph["promoted"]
+    ctx.say("replica on %d promoted %.2fs after the kill (fail flag %.2fs, cluster ok %.2fs)", new,
+            ph["promoted"], ph.get("fail", -1), ph["ok"])
+    while now() < t_promoted + FAILOVER_HOLD_S:
+        await asyncio.sleep(0.05)
+    t_restart = now()
+    await ctx.sync(c.restart_node, victim)
+    t_back = now()
+    ctx.say("the killed node is back as a replica of %d (%.2fs)", new, t_back - t_restart)
+    ctx.faults_done += 1
+    ctx.last_fault_at = now()
+    ctx.excuse_unconfirmed_before = t_promoted
+    mine = {"%s@%s" % (r, DOMAIN) for r, p in owners.items() if p == victim}
+
+    def stored_between(t1, t2):
+        return sorted((m.stored_at, s.user, m.mid) for s in ctx.senders for m in s.msgs.values()
+                      if m.to in mine and m.stored_at is not None and t1 < m.stored_at < t2)
+    # wait errors while the master was down (before its replica took over)
+    werr = ctx.wait_errors_during(t_kill, t_back + 1.0)
+    ctx.check(werr > 0, "no wait errors (internal-server-error) to senders while the master was down "
+              "or without a replica")
+    # wait_replicas = 1: nothing for its slots is acked while the promoted master has no replica
+    lonely = stored_between(t_promoted + 0.2, t_restart)
+    ctx.check(not lonely, "%d <stored/> for messages to %s while their master (%d) had no replica "
+              "(wait_replicas = 1), first: %s", len(lonely), sorted(mine), new,
+              ["%s/%s at +%.2fs after the promotion" % (u, mid, t - t_promoted) for t, u, mid in lonely[:5]])
+    info = {"werr": werr, "lonely": len(lonely)}
+
+    async def after_load(ctx):
+        # acks flow again once the replica is back
+        again = stored_between(t_back, now())
+        ctx.check(again or all(s.done() for s in ctx.senders),
+                  "no <stored/> for messages to %s after the killed node came back as a replica", sorted(mine))
+        await wait_redis_clean(ctx)
+        ok, why = await ctx.sync(c.check_state)
+        ctx.check(ok, "cluster not ok at the end: %s", why)
+        after = await ctx.sync(cluster_counters, c)
+        text = rd.log_text()[log_before:]
+        lines = [ln for ln in text.splitlines() if " store" in ln or "redis" in ln.lower()]
+        ctx.say("receiptd's store log since the kill (%d lines), first ones:\n    %s", len(lines),
+                "\n    ".join(lines[:12]))
+        reconnect = [ln for ln in lines if "connected" in ln and ("%d" % new) in ln] or \
+                    [ln for ln in lines if "store: connected" in ln]
+        ctx.check(reconnect, "receiptd logged no (re)connection to Redis after the failover (no 'connected' "
+                  "line naming the promoted master %d)", new)
+        ctx.extra_counts["CLUSTER"] = (
+            "failover killed=%d promoted=%d fail-flag=%.2fs promoted-after=%.2fs cluster-ok-after=%.2fs "
+            "replica-back-after=%.2fs wait-errors=%d stored-without-replica=%d "
+            "pushed-unconfirmed-then-lost=%d | redis saw: %s"
+            % (victim, new, ph.get("fail", -1), ph["promoted"], ph["ok"], t_back - t_kill, info["werr"],
+               info["lonely"], len(ctx.excused), counters_text(before, after) or "nothing"))
+        if ctx.excused:
+            ctx.say("WARN: %d pushes before the promotion under stanza-ids no <stored/> confirmed "
+                    "(written to the killed master, lost with it), e.g. %s", len(ctx.excused),
+                    ctx.excused[:5])
     ctx.post_checks.append(after_load)
 
 

@@ -4,6 +4,11 @@
     /usr/bin/python3 tests/faults/run.py --list
     /usr/bin/python3 tests/faults/run.py NAME [--receiptd PATH] [--keep] [--seed N] [--sabotage]
     /usr/bin/python3 tests/faults/run.py --all
+    /usr/bin/python3 tests/faults/run.py --list --redis cluster
+
+--list names the tests on one Redis; --list --redis cluster the ones that run against a Redis
+Cluster of 3 masters + 3 replicas (cluster-reshard, cluster-failover: live slot migration and a
+master's kill -9 under load; they print a CLUSTER line with what happened to the cluster).
 
 Each test drives a steady load of receipt-requested messages (4 senders, 2 recipients, raw-socket
 clients) through real Prosody + Redis + receiptd, injects its fault, then checks that every message
@@ -52,7 +57,9 @@ def run_one(name, binary, keep=False, seed=None, sabotage=False, debug=False):
     extra = {k: dict(v) for k, v in (spec["extra"] or {}).items()}
     if debug:
         extra.setdefault("component", {})["log_level"] = "debug"
-    stack = faults.FaultStack(harness.find_receiptd(binary), extra=extra, keep=keep)
+    stack = faults.FaultStack(harness.find_receiptd(binary), extra=extra, keep=keep,
+                              redis="cluster" if spec["cluster"] else "single",
+                              cluster_kw=spec["cluster_kw"])
     try:
         with stack:
             try:
@@ -113,13 +120,15 @@ def main():
     ap.add_argument("--debug", action="store_true", help="receiptd log_level = debug")
     ap.add_argument("--server", choices=("prosody", "ejabberd"),
                     help="XMPP server (default: $E2E_SERVER, else prosody)")
+    ap.add_argument("--redis", choices=("single", "cluster"), default="single",
+                    help="with --list: the tests on one Redis (default) or on a Redis Cluster")
     ap.add_argument("--sabotage", action="store_true",
                     help="delete one stored message from Redis mid-run (the test must fail)")
     args = ap.parse_args()
     if args.server:
         os.environ["E2E_SERVER"] = args.server
     if args.list:
-        print("\n".join(faults.TESTS))
+        print("\n".join(faults.names(args.redis)))
         return 0
     if args.all:
         results = []
