@@ -106,7 +106,7 @@ def log(t0, fmt, *args):
 
 
 class Msg:
-    __slots__ = ("mid", "to", "sids", "sends", "next_at", "first_at", "stored_at", "errors")
+    __slots__ = ("mid", "to", "sids", "sends", "next_at", "first_at", "stored_at", "errors", "tx", "answers")
 
     def __init__(self, mid, to):
         self.mid, self.to = mid, to
@@ -116,6 +116,8 @@ class Msg:
         self.first_at = None
         self.stored_at = None
         self.errors = []        # (time, type, condition)
+        self.tx = []            # time of every transmission
+        self.answers = []       # time of every <stored/> or error for it
 
 
 class Stats:
@@ -160,6 +162,7 @@ class Sender:
                 self.stray.append(ET.tostring(el, encoding="unicode"))
                 return
             m.sids.append(st.get("stanza-id"))
+            m.answers.append(now())
             if m.stored_at is None:
                 m.stored_at = now()
             self.outstanding.pop(m.mid, None)
@@ -171,6 +174,7 @@ class Sender:
             self.stats.error_times.append((now(), typ, cond))
             if m is not None:
                 m.errors.append((now(), typ, cond))
+                m.answers.append(now())
                 if m.mid in self.outstanding:
                     # retry soon (wait errors and the server's remote-server-timeout both mean: later)
                     m.next_at = now() + 0.3 + random.random() * 0.4
@@ -217,6 +221,7 @@ class Sender:
                     m.first_at = t
                     m.next_at = t + self.ctx.retry_s
                     m.sends += 1
+                    m.tx.append(t)
                     self.outstanding[m.mid] = m
                     self.client.send(self.stanza(m))
                     next_send += self.interval
@@ -227,6 +232,7 @@ class Sender:
                 for m in list(self.outstanding.values()):
                     if m.next_at <= t:
                         m.sends += 1
+                        m.tx.append(t)
                         m.next_at = t + self.ctx.retry_s
                         self.client.send(self.stanza(m))
                 await self.client.drain()
@@ -530,10 +536,6 @@ class Ctx:
         self.last_fault_at = None   # when the last fault was over (process back)
         self.post_checks = []       # async fn(ctx) run after the final check, clients still connected
         self.extra_counts = {}      # name -> text, printed on a line of its own by run.py
-        # cluster-failover: deliveries before this time under a stanza-id no <stored/> confirmed
-        # are left out of the lost / duplicate checks and listed in `excused` (see verdict)
-        self.excuse_unconfirmed_before = None
-        self.excused = []
 
     def say(self, fmt, *args):
         log(self.t0, fmt, *args)
@@ -647,15 +649,8 @@ class Ctx:
         raw = 0
         seen_sids = {}
         wrong = []
-        acked_sids = {sid for s in self.senders for m in s.msgs.values() for sid in m.sids}
         for r in self.recipients.values():
             for how, sid, sender, mid, _t in r.deliveries:
-                if (self.excuse_unconfirmed_before is not None and sid not in acked_sids
-                        and _t < self.excuse_unconfirmed_before):
-                    # cluster-failover: pushed before the failover under a stanza-id that no
-                    # <stored/> ever confirmed (its write died with the master); counted apart
-                    self.excused.append((r.bare, sid, sender, mid, how))
-                    continue
                 if (r.bare, sid) in seen_sids:
                     raw += 1
                 seen_sids[(r.bare, sid)] = (sender, mid)
@@ -1157,8 +1152,8 @@ REDIRECT_ERRORS = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN", "LOADING", "NOSCRI
 
 def cluster_counters(c):
     """What the live nodes answered, summed: the redirection / error replies (INFO errorstats) and
-    ASKING / EVALSHA / WAIT calls (INFO commandstats). The harness itself sends no ASKING and no
-    EVALSHA, so those are receiptd's."""
+    ASKING / EVALSHA / WAIT / CLUSTER calls (INFO commandstats). The harness sends no EVALSHA and
+    no WAIT, and ASKING only when its own command_key() meets ASK (not during a migration here)."""
     out = collections.Counter()
     for port in c.live_ports():
         try:
@@ -1215,21 +1210,22 @@ async def wait_redis_clean(ctx, timeout=15):
 
 
 RESHARD_PLAIN = 300          # slots without keys moved along per master and round
-RESHARD_BATCH = 10           # keys per MIGRATE
+RESHARD_BATCH = 20           # keys per MIGRATE
 RESHARD_PAUSE = 0.01         # s after each MIGRATE: a slot with keys stays half-moved for a while
 
 
 @fault_test("cluster-reshard", "Redis Cluster (3 masters + 3 replicas): twice during the load every "
             "master hands its slots holding the test's keys (users, the 16 index shards, rd:epoch) and "
             "%d other slots to the next master, live (MIGRATE in batches of %d: clients meet MOVED, ASK "
-            "and TRYAGAIN)" % (RESHARD_PLAIN, RESHARD_BATCH), cluster=True)
+            "and TRYAGAIN)" % (RESHARD_PLAIN, RESHARD_BATCH), n=1200, cluster=True)
 async def t_cluster_reshard(ctx):
     c = ctx.stack.cluster
     clmod = harness.load_cluster_module()
     hot = {clmod.key_slot(k) for k in hot_keys()}
     before = await ctx.sync(cluster_counters, c)
-    info = {"slots": 0, "keys": 0, "hot_moves": 0, "hot_keys": 0, "longest": (0.0, None, 0), "secs": []}
-    for rnd, at in enumerate((0.2, 0.55)):
+    info = {"slots": 0, "keys": 0, "hot_moves": 0, "hot_keys": 0, "longest": (0.0, None, 0), "secs": [],
+            "hot_secs": 0.0}
+    for rnd, at in enumerate((0.15, 0.5)):
         await ctx.wait_progress(at)
         masters = await ctx.sync(c.masters)
         plan = []
@@ -1249,6 +1245,7 @@ async def t_cluster_reshard(ctx):
                 if slot in hot:
                     info["hot_moves"] += 1
                     info["hot_keys"] += nkeys
+                    info["hot_secs"] += t2 - t1
                     if t2 - t1 > info["longest"][0]:
                         info["longest"] = (t2 - t1, slot, nkeys)
             moved = await ctx.sync(lambda: c.migrate_slots(src, dst, slots, batch=RESHARD_BATCH,
@@ -1275,29 +1272,35 @@ async def t_cluster_reshard(ctx):
         after = await ctx.sync(cluster_counters, c)
         ctx.extra_counts["CLUSTER"] = (
             "reshard rounds=2 slots-moved=%d keys-moved=%d slots-with-test-keys=%d(x2) "
-            "their-keys-moved=%d longest-slot-move=%.2fs(slot %s, %d keys) round-times=%s | redis saw: %s"
+            "their-keys-moved=%d longest-slot-move=%.2fs(slot %s, %d keys) round-times=%s (%.1fs in "
+            "slots with keys) | redis saw: %s"
             % (info["slots"], info["keys"], len(hot), info["hot_keys"], info["longest"][0],
                info["longest"][1], info["longest"][2], "/".join("%.1fs" % x for x in info["secs"]),
+               info["hot_secs"],
                counters_text(before, after) or "nothing"))
     ctx.post_checks.append(after_load)
 
 
-FAILOVER_HOLD_S = 2.0        # s the promoted master runs without a replica before the old one returns
+FAILOVER_HOLD_S = 4.0        # s the promoted master runs without a replica before the old one returns
+FAILOVER_WAIT_TIMEOUT = 1.0  # [redis] wait_timeout of the test
+ANSWER_SLACK_S = 1.0         # a put gets its answer within wait_timeout + this; a read within this
 
 
-@fault_test("cluster-failover", "Redis Cluster (3+3, cluster-node-timeout 1 s), [redis] wait_replicas = 1: "
-            "kill -9 of the master serving the recipients mid-run; its replica is promoted; for %g s it "
-            "has no replica (nothing may be acked), then the killed node returns as its replica; every "
-            "<stored/> message must survive" % FAILOVER_HOLD_S,
-            extra={"redis": {"wait_replicas": "1", "wait_timeout": "1"}}, cluster=True)
+@fault_test("cluster-failover", "Redis Cluster (3+3, cluster-node-timeout 1 s), [redis] wait_replicas = 1, "
+            "wait_timeout = %g: kill -9 of the master serving the recipients mid-run; its replica is "
+            "promoted and runs %g s without a replica (puts get wait errors within wait_timeout, reads "
+            "answer), then the killed node returns as its replica; every <stored/> message survives"
+            % (FAILOVER_WAIT_TIMEOUT, FAILOVER_HOLD_S),
+            extra={"redis": {"wait_replicas": "1", "wait_timeout": "%g" % FAILOVER_WAIT_TIMEOUT}},
+            cluster=True)
 async def t_cluster_failover(ctx):
     c = ctx.stack.cluster
     rd = ctx.stack.receiptd
     owners = {r: await ctx.sync(c.owner, "rd:{%s@%s}" % (r, DOMAIN)) for r in RECIPIENTS}
     victim = owners[RECIPIENTS[0]]
     on_victim = [k for k in hot_keys() if await ctx.sync(c.owner, k) == victim]
-    ctx.say("the master on %d serves %s (of the recipients: %s)", victim, ", ".join(on_victim),
-            ", ".join(r for r, p in owners.items() if p == victim))
+    mine = {"%s@%s" % (r, DOMAIN) for r, p in owners.items() if p == victim}
+    ctx.say("the master on %d serves %s (recipients: %s)", victim, ", ".join(on_victim), sorted(mine))
     before = await ctx.sync(cluster_counters, c)
     log_before = len(rd.log_text())
     await ctx.wait_progress(0.3)
@@ -1308,21 +1311,36 @@ async def t_cluster_failover(ctx):
     t_promoted = t_kill + ph["promoted"]
     ctx.say("replica on %d promoted %.2fs after the kill (fail flag %.2fs, cluster ok %.2fs)", new,
             ph["promoted"], ph.get("fail", -1), ph["ok"])
-    while now() < t_promoted + FAILOVER_HOLD_S:
-        await asyncio.sleep(0.05)
+
+    # while the promoted master has no replica: r1 asks for its summary (a read in its slot, on that
+    # master) every 0.5 s; the load goes on (every put there must end in a wait error)
+    probes = []
+    r1 = ctx.recipients[RECIPIENTS[0]]
+    t_hold_end = t_promoted + FAILOVER_HOLD_S
+
+    async def probe(t_q):
+        try:
+            res = await r1.client.iq("get", COMPONENT, "<summary xmlns='%s'/>" % NS_RD, timeout=6)
+            probes.append((t_q, now() - t_q, res.get("type")))
+        except (Disconnected, asyncio.TimeoutError):
+            probes.append((t_q, now() - t_q, "no answer"))
+    tasks = []
+    while now() < t_hold_end:
+        if now() >= t_promoted + 0.5:
+            tasks.append(asyncio.get_running_loop().create_task(probe(now())))
+        await asyncio.sleep(0.5)
     t_restart = now()
     await ctx.sync(c.restart_node, victim)
     t_back = now()
     ctx.say("the killed node is back as a replica of %d (%.2fs)", new, t_back - t_restart)
+    await asyncio.gather(*tasks)
     ctx.faults_done += 1
     ctx.last_fault_at = now()
-    ctx.excuse_unconfirmed_before = t_promoted
-    mine = {"%s@%s" % (r, DOMAIN) for r, p in owners.items() if p == victim}
 
     def stored_between(t1, t2):
         return sorted((m.stored_at, s.user, m.mid) for s in ctx.senders for m in s.msgs.values()
                       if m.to in mine and m.stored_at is not None and t1 < m.stored_at < t2)
-    # wait errors while the master was down (before its replica took over)
+    # wait errors while the master was down (before its replica took over) or alone
     werr = ctx.wait_errors_during(t_kill, t_back + 1.0)
     ctx.check(werr > 0, "no wait errors (internal-server-error) to senders while the master was down "
               "or without a replica")
@@ -1331,7 +1349,35 @@ async def t_cluster_failover(ctx):
     ctx.check(not lonely, "%d <stored/> for messages to %s while their master (%d) had no replica "
               "(wait_replicas = 1), first: %s", len(lonely), sorted(mine), new,
               ["%s/%s at +%.2fs after the promotion" % (u, mid, t - t_promoted) for t, u, mid in lonely[:5]])
-    info = {"werr": werr, "lonely": len(lonely)}
+    # ... and each such put is answered (wait error) within wait_timeout (+ slack), not queued
+    put_limit = FAILOVER_WAIT_TIMEOUT + ANSWER_SLACK_S
+    lat = []
+    for s in ctx.senders:
+        for m in s.msgs.values():
+            if m.to not in mine:
+                continue
+            for ts in m.tx:
+                if t_promoted + 0.5 <= ts <= t_restart - put_limit:
+                    later = [a for a in m.answers if a >= ts]
+                    lat.append((min(later) - ts if later else None, ts, s.user, m.mid))
+    slow = [x for x in lat if x[0] is None or x[0] > put_limit]
+    ctx.say("%d messages to %s sent %.1f-%.1fs after the promotion: %d answered within %.1fs, %d later "
+            "or never; summary IQs of r1 then: %s", len(lat), sorted(mine), 0.5,
+            t_restart - put_limit - t_promoted, len(lat) - len(slow), put_limit, len(slow),
+            ", ".join("+%.1fs:%s/%s" % (t - t_promoted, "%.2fs" % d, k) for t, d, k in sorted(probes)))
+    ctx.check(lat, "no message to %s was sent while the promoted master had no replica (test timing)",
+              sorted(mine))
+    ctx.check(not slow, "%d of %d puts to the promoted master without a replica got no answer within "
+              "wait_timeout + %gs = %gs (first: %s)", len(slow), len(lat), ANSWER_SLACK_S, put_limit,
+              ["%s/%s sent +%.2fs after the promotion: %s" % (u, mid, ts - t_promoted,
+                                                               "%.2fs" % d if d is not None else "no answer")
+               for d, ts, u, mid in sorted(slow, key=lambda x: x[1])[:5]])
+    slow_q = [(t, d, k) for t, d, k in probes if k != "result" or d > ANSWER_SLACK_S]
+    ctx.check(probes and not slow_q, "%d of %d summary IQs of r1 (a read on the promoted master without "
+              "a replica) not answered with a result within %gs: %s", len(slow_q), len(probes),
+              ANSWER_SLACK_S, ["+%.1fs: %s after %.2fs" % (t - t_promoted, k, d) for t, d, k in slow_q[:6]])
+    info = {"werr": werr, "lonely": len(lonely), "puts": len(lat), "slow": len(slow),
+            "probes": len(probes), "slow_q": len(slow_q)}
 
     async def after_load(ctx):
         # acks flow again once the replica is back
@@ -1342,24 +1388,20 @@ async def t_cluster_failover(ctx):
         ok, why = await ctx.sync(c.check_state)
         ctx.check(ok, "cluster not ok at the end: %s", why)
         after = await ctx.sync(cluster_counters, c)
-        text = rd.log_text()[log_before:]
-        lines = [ln for ln in text.splitlines() if " store" in ln or "redis" in ln.lower()]
-        ctx.say("receiptd's store log since the kill (%d lines), first ones:\n    %s", len(lines),
-                "\n    ".join(lines[:12]))
-        reconnect = [ln for ln in lines if "connected" in ln and ("%d" % new) in ln] or \
-                    [ln for ln in lines if "store: connected" in ln]
-        ctx.check(reconnect, "receiptd logged no (re)connection to Redis after the failover (no 'connected' "
-                  "line naming the promoted master %d)", new)
+        lines = [ln for ln in rd.log_text()[log_before:].splitlines() if " store: " in ln]
+        down = [ln for ln in lines if "unavailable" in ln]
+        up = [ln for ln in lines if "store: connected" in ln]
+        ctx.say("receiptd's store log since the kill:\n    %s", "\n    ".join(lines[:10]))
+        ctx.check(down and up, "receiptd did not log the loss of the master and the reconnection "
+                  "('store: ... unavailable' then 'store: connected'): %s", lines[:5])
         ctx.extra_counts["CLUSTER"] = (
             "failover killed=%d promoted=%d fail-flag=%.2fs promoted-after=%.2fs cluster-ok-after=%.2fs "
             "replica-back-after=%.2fs wait-errors=%d stored-without-replica=%d "
-            "pushed-unconfirmed-then-lost=%d | redis saw: %s"
+            "puts-without-replica=%d(%d-not-answered-in-%gs) summary-probes=%d(%d-slow) "
+            "| redis saw: %s"
             % (victim, new, ph.get("fail", -1), ph["promoted"], ph["ok"], t_back - t_kill, info["werr"],
-               info["lonely"], len(ctx.excused), counters_text(before, after) or "nothing"))
-        if ctx.excused:
-            ctx.say("WARN: %d pushes before the promotion under stanza-ids no <stored/> confirmed "
-                    "(written to the killed master, lost with it), e.g. %s", len(ctx.excused),
-                    ctx.excused[:5])
+               info["lonely"], info["puts"], info["slow"], put_limit, info["probes"], info["slow_q"],
+               counters_text(before, after) or "nothing"))
     ctx.post_checks.append(after_load)
 
 
