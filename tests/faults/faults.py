@@ -1328,11 +1328,24 @@ async def t_cluster_failover(ctx):
         except (Disconnected, asyncio.TimeoutError):
             probes.append((t_q, now() - t_q, "no answer"))
     tasks = []
+    blocked = None
     while now() < t_hold_end:
         if now() >= t_promoted + 0.5:
             tasks.append(asyncio.get_running_loop().create_task(probe(now())))
+        if blocked is None and now() >= t_promoted + 1.5:
+            # what the promoted master's clients are doing (diagnostics for the checks below)
+            try:
+                cl = await ctx.sync(c.command, new, "CLIENT", "LIST")
+                blocked = [" ".join(f for f in ln.split() if f.split("=", 1)[0] in (
+                    "id", "flags", "cmd", "qbuf", "multi", "age")) for ln in cl.splitlines()
+                    if "cmd=wait" in ln or " flags=b" in ln]
+            except Exception as e:
+                blocked = ["CLIENT LIST failed: %s" % e]
         await asyncio.sleep(0.5)
     t_restart = now()
+    if blocked:
+        ctx.say("clients of the promoted master %d blocked %.1fs after the promotion: %s", new, 1.5,
+                "; ".join(blocked))
     await ctx.sync(c.restart_node, victim)
     t_back = now()
     ctx.say("the killed node is back as a replica of %d (%.2fs)", new, t_back - t_restart)
@@ -1371,10 +1384,11 @@ async def t_cluster_failover(ctx):
     ctx.check(lat, "no message to %s was sent while the promoted master had no replica (test timing)",
               sorted(mine))
     ctx.check(not slow, "%d of %d puts to the promoted master without a replica got no answer within "
-              "wait_timeout + %gs = %gs (first: %s)", len(slow), len(lat), ANSWER_SLACK_S, put_limit,
+              "wait_timeout + %gs = %gs (first: %s; its blocked clients then: %s)", len(slow), len(lat),
+              ANSWER_SLACK_S, put_limit,
               ["%s/%s sent +%.2fs after the promotion: %s" % (u, mid, ts - t_promoted,
                                                                "%.2fs" % d if d is not None else "no answer")
-               for d, ts, u, mid in sorted(slow, key=lambda x: x[1])[:5]])
+               for d, ts, u, mid in sorted(slow, key=lambda x: x[1])[:5]], blocked)
     slow_q = [(t, d, k) for t, d, k in probes if k != "result" or d > ANSWER_SLACK_S]
     ctx.check(probes and not slow_q, "%d of %d summary IQs of r1 (a read on the promoted master without "
               "a replica) not answered with a result within %gs: %s", len(slow_q), len(probes),
