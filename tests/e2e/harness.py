@@ -860,10 +860,10 @@ Connect an XMPP client to host 127.0.0.1 port %(c2s)d, without TLS, e.g. as alic
 
 receiptd log follows:
 """ % dict(label=label, tmp=tmp,
-           redis=("Redis Cluster    %s (masters; 3 + 3 replicas, AOF, appendfsync always)" % redis.seeds()
-                  if rmode == "cluster" else
-                  "Redis            127.0.0.1:%d  (AOF, appendfsync always)" % redis.port), c2s=prosody.c2s_port, comp=prosody.component_port,
-           comp_jid=COMPONENT, ini=rd.ini, dom=USER_DOMAIN, other=OTHER_DOMAIN, users=users))
+           redis=("Redis Cluster    %s (masters; 3 + 3 replicas, AOF, appendfsync always)"
+                  % redis.seeds() if rmode == "cluster" else
+                  "Redis            127.0.0.1:%d  (AOF, appendfsync always)" % redis.port),
+           c2s=prosody.c2s_port, comp=prosody.component_port, comp_jid=COMPONENT, ini=rd.ini, dom=USER_DOMAIN, other=OTHER_DOMAIN, users=users))
         sys.stdout.flush()
         # receiptd in the foreground: its stderr goes straight to the terminal
         rd.popen = subprocess.Popen(rd.argv(), stdin=subprocess.DEVNULL)

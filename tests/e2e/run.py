@@ -10,8 +10,9 @@ The server is --server, else $E2E_SERVER, else prosody. --list prints the scenar
 that server (a few are ejabberd-only). --redis cluster (or E2E_REDIS=cluster) runs the scenario
 against a Redis Cluster of 3 masters + 3 replicas instead of one Redis (receiptd's component.ini
 then has `[redis] cluster = <seeds>`); only the scenarios of scenarios.CLUSTER_SCENARIOS run
-there (--list --redis cluster names them; the others exit 77). Exit status 0 = pass, 1 = fail (the reason is printed,
-followed by the process logs), 77 = skipped (scenario not meant for that server).
+there (--list --redis cluster names them; the others exit 77).
+Exit status 0 = pass, 1 = fail (the reason is printed, followed by the process logs), 77 = skipped
+(scenario not meant for that server or Redis).
 The receiptd binary comes from --receiptd, else $RECEIPTD, else build/component/receiptd.
 """
 
