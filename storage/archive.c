@@ -144,7 +144,8 @@ struct job {
     archive_totals_t totals;
 };
 
-/* ---- helpers ---------------------------------------------------------------------------------- */
+/* ---- helpers ----------------------------------------------------------------------------------
+ */
 
 static char *dup_n(const char *s, size_t n)
 {
@@ -232,7 +233,8 @@ static int exec(archive_t *a, const char *sql)
     return sqlite3_exec(a->db, sql, NULL, NULL, NULL) == SQLITE_OK ? 0 : -1;
 }
 
-/* ---- work (thread pool) ----------------------------------------------------------------------- */
+/* ---- work (thread pool) -----------------------------------------------------------------------
+ */
 
 static int run_put(job_t *j)
 {
@@ -528,16 +530,35 @@ static void on_work(uv_work_t *w)
         return;
     }
     switch (j->kind) {
-    case J_PUT: rc = run_put(j); break;
-    case J_ACK: rc = run_ack(j); break;
-    case J_SUMMARY: rc = run_summary(j); break;
-    case J_FETCH: rc = run_fetch(j); break;
-    case J_EXPIRE: rc = run_expire(j); break;
-    case J_TOTALS: rc = run_totals(j); break;
-    case J_EVICT: rc = run_evict(j); break;
-    case J_RESTORE: rc = run_restore(j); break;
-    case J_PUT_EVICTED: rc = run_put_evicted(j); break;
-    default: rc = -1;
+    case J_PUT:
+        rc = run_put(j);
+        break;
+    case J_ACK:
+        rc = run_ack(j);
+        break;
+    case J_SUMMARY:
+        rc = run_summary(j);
+        break;
+    case J_FETCH:
+        rc = run_fetch(j);
+        break;
+    case J_EXPIRE:
+        rc = run_expire(j);
+        break;
+    case J_TOTALS:
+        rc = run_totals(j);
+        break;
+    case J_EVICT:
+        rc = run_evict(j);
+        break;
+    case J_RESTORE:
+        rc = run_restore(j);
+        break;
+    case J_PUT_EVICTED:
+        rc = run_put_evicted(j);
+        break;
+    default:
+        rc = -1;
     }
     for (int i = 0; i < ST_COUNT_ALL; i++)
         sqlite3_reset(a->st[i]);
@@ -546,7 +567,8 @@ static void on_work(uv_work_t *w)
     j->err = rc == 0 ? 0 : ARCHIVE_EDB;
 }
 
-/* ---- completion (loop) ------------------------------------------------------------------------ */
+/* ---- completion (loop) ------------------------------------------------------------------------
+ */
 
 static void start_next(archive_t *a);
 
@@ -629,7 +651,9 @@ static void deliver(job_t *j)
         if (j->cb)
             ((archive_done_cb)j->cb)(j->ud, err);
         break;
-    case J_ACK: ((store_items_cb)j->cb)(j->ud, err, items, n); break;
+    case J_ACK:
+        ((store_items_cb)j->cb)(j->ud, err, items, n);
+        break;
     case J_SUMMARY: {
         store_item_t ends[2];
         for (int i = 0; i < 2; i++)
@@ -647,7 +671,9 @@ static void deliver(job_t *j)
         if (j->cb)
             ((archive_count_cb)j->cb)(j->ud, err, err ? 0 : j->count);
         break;
-    case J_TOTALS: ((archive_totals_cb)j->cb)(j->ud, err, err ? NULL : &j->totals); break;
+    case J_TOTALS:
+        ((archive_totals_cb)j->cb)(j->ud, err, err ? NULL : &j->totals);
+        break;
     case J_EVICT:
         if (j->cb)
             ((archive_done_cb)j->cb)(j->ud, err);
@@ -663,9 +689,8 @@ static void deliver(job_t *j)
         break;
     }
     case J_PUT_EVICTED:
-        ((archive_put_cb)j->cb)(j->ud, err, err ? ARCHIVE_PUT_NOT_EVICTED
-                                                : (archive_put_status_t)j->count,
-                                j->cursor);
+        ((archive_put_cb)j->cb)(
+            j->ud, err, err ? ARCHIVE_PUT_NOT_EVICTED : (archive_put_status_t)j->count, j->cursor);
         break;
     }
     free(items);
@@ -744,7 +769,8 @@ static int submit(archive_t *a, job_t *j, bool ok)
     return 0;
 }
 
-/* ---- requests --------------------------------------------------------------------------------- */
+/* ---- requests ---------------------------------------------------------------------------------
+ */
 
 /* Copies msgs into j (the J_PUT input layout, shared by J_EVICT and J_PUT_EVICTED). */
 static bool copy_msgs(job_t *j, const archive_msg_t *msgs, size_t n)
@@ -787,8 +813,7 @@ int archive_evict(archive_t *a, const store_user_state_t *state, const archive_m
     size_t len = 1;
     for (size_t i = 0; i < 2 * state->ndevices; i++)
         len += strlen(state->devices[i]) + 1;
-    bool ok = (j->user = dup_s(state->user)) && (j->devices = malloc(len)) &&
-              copy_msgs(j, msgs, n);
+    bool ok = (j->user = dup_s(state->user)) && (j->devices = malloc(len)) && copy_msgs(j, msgs, n);
     if (ok) {
         char *p = j->devices;
         *p = '\0';
@@ -813,8 +838,8 @@ int archive_put_evicted(archive_t *a, const char *user, const archive_msg_t *msg
     job_t *j = job_new(a, J_PUT_EVICTED, (void *)cb, ud);
     if (!j)
         return a && a->closing ? ARCHIVE_ECLOSED : ARCHIVE_ENOMEM;
-    return submit(a, j, (j->user = dup_s(user)) && (j->suffix = dup_s(suffix)) &&
-                            copy_msgs(j, msg, 1));
+    return submit(a, j,
+                  (j->user = dup_s(user)) && (j->suffix = dup_s(suffix)) && copy_msgs(j, msg, 1));
 }
 
 int archive_ack(archive_t *a, const archive_ack_t *req, store_items_cb cb, void *ud)
@@ -878,7 +903,8 @@ int archive_totals(archive_t *a, archive_totals_cb cb, void *ud)
     return submit(a, j, true);
 }
 
-/* ---- open / close ----------------------------------------------------------------------------- */
+/* ---- open / close -----------------------------------------------------------------------------
+ */
 
 int archive_schema_version(void)
 {

@@ -28,8 +28,8 @@ void archive_close(archive_t *a);
 /* The schema version this build writes. */
 int archive_schema_version(void);
 
-/* One message as it leaves Redis. acked: the devices that acknowledged it, newline-separated ("" for
- * none); origin: "<sender bare> <original id>" or NULL. */
+/* One message as it leaves Redis. acked: the devices that acknowledged it, newline-separated (""
+ * for none); origin: "<sender bare> <original id>" or NULL. */
 typedef struct archive_msg {
     const char *sid;
     int64_t stamp_ms;

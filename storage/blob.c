@@ -10,8 +10,8 @@ void store_blob_encode(proto_buf_t *b, int64_t stamp_ms, unsigned flags, const c
 {
     char head[96];
     size_t fl = strlen(from), tl = type ? strlen(type) : 0, il = id ? strlen(id) : 0;
-    int n = snprintf(head, sizeof head, "1 %" PRId64 " %u %zu %zu %zu\n", stamp_ms, flags, fl, tl,
-                     il);
+    int n =
+        snprintf(head, sizeof head, "1 %" PRId64 " %u %zu %zu %zu\n", stamp_ms, flags, fl, tl, il);
     proto_buf_append(b, head, (size_t)n);
     proto_buf_append(b, from, fl);
     proto_buf_append(b, type ? type : "", tl);

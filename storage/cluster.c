@@ -77,7 +77,7 @@ static void want_refresh(struct cluster *cl)
 static rconn_t *node_conn(store_t *st, cluster_node_t *node)
 {
     if (!node->conn)
-        node->conn = rconn_create(st, node->host, node->port, NULL, false);
+        node->conn = rconn_create_node(st, node->host, node->port, NULL, st->wait_replicas > 0);
     return node->conn;
 }
 
@@ -96,7 +96,7 @@ static void update_state(store_t *st, const char *err)
         if (!n || !n->master)
             continue;
         rconn_t *c = n->conn;
-        if (!c || !c->ready) {
+        if (!rconn_ready(c)) {
             ok = false;
             snprintf(cl->down_reason, sizeof cl->down_reason, "master %s:%d %s", n->host, n->port,
                      err ? err : "not connected");
@@ -283,7 +283,7 @@ void cluster__close(store_t *st)
 
 static void send_to(store_t *st, req_t *rq, rconn_t *c)
 {
-    rq->conn = c;
+    rq->conn = c = rconn_lane(c, rq->put_lane);
     if (rconn_send(c, store__on_reply, rq, rq->argc, rq->argv, rq->lens) < 0) {
         rq->conn = NULL;
         park(st, rq, park_delay(rq));
@@ -304,7 +304,7 @@ void cluster__dispatch(store_t *st, req_t *rq)
         return;
     }
     rconn_t *c = node_conn(st, cluster_map_node(cl->map, i));
-    if (!c || !c->ready) {
+    if (!rconn_ready(c)) {
         park(st, rq, park_delay(rq));
         return;
     }
@@ -392,7 +392,7 @@ void cluster__tick(store_t *st, uint64_t now)
     for (int i = 0; i < cl->map->nnodes; i++) {
         cluster_node_t *n = cluster_map_node(cl->map, i);
         if (n && n->conn)
-            rconn_check(n->conn, now, st->timeout_ms);
+            store__check_conn(st, n->conn, now);
     }
     if (cl->probe)
         rconn_check(cl->probe, now, st->timeout_ms);

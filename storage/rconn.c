@@ -162,6 +162,30 @@ rconn_t *rconn_create(struct store *st, const char *host, int port, const char *
     return c;
 }
 
+rconn_t *rconn_create_node(struct store *st, const char *host, int port, const char *socket,
+                           bool lane)
+{
+    rconn_t *c = rconn_create(st, host, port, socket, false);
+    if (c && lane) {
+        if (!(c->twin = rconn_create(st, host, port, socket, false))) {
+            rconn_close(c);
+            return NULL;
+        }
+        c->twin->primary = c;
+    }
+    return c;
+}
+
+bool rconn_ready(const rconn_t *c)
+{
+    return c && c->ready && (!c->twin || c->twin->ready);
+}
+
+rconn_t *rconn_lane(rconn_t *c, bool put)
+{
+    return put && c->twin ? c->twin : c;
+}
+
 static void on_timer_closed(uv_handle_t *h)
 {
     rconn_t *c = h->data;
@@ -173,6 +197,7 @@ void rconn_close(rconn_t *c)
 {
     if (!c || c->closing)
         return;
+    rconn_close(c->twin);
     bool was_connected = c->ac && (c->ac->c.flags & REDIS_CONNECTED);
     c->closing = true;
     c->ready = false;

@@ -35,11 +35,29 @@ typedef struct rconn {
     char setup_error[128];
     unsigned backoff_ms;
     uv_timer_t retry_timer;
+    /* With [redis] wait_replicas, each node has a second connection, the put lane: WAIT blocks
+     * the connection it is sent on, so it must not hold up reads, acks and presence. On it
+     * receiptd group-commits: one WAIT in flight covers every put answered before it was sent
+     * (storage/store.c). */
+    struct rconn *twin;                       /* on the main connection: its put lane */
+    struct rconn *primary;                    /* on a put lane: its main connection */
+    struct req *gc_pending, *gc_pending_tail; /* puts answered, not yet covered by a WAIT */
+    struct req *gc_batch;                     /* the puts the WAIT in flight covers */
+    bool gc_waiting;
+    bool gc_degraded; /* the last WAIT fell short: the next ones wait less */
 } rconn_t;
 
 /* Creates the connection and starts connecting; NULL when out of memory. */
 rconn_t *rconn_create(struct store *st, const char *host, int port, const char *socket, bool probe);
-/* Gracefully: replies in flight still reach their callbacks. NULL is fine. */
+/* A node's connection, with its put lane when lane is true; NULL when out of memory. */
+rconn_t *rconn_create_node(struct store *st, const char *host, int port, const char *socket,
+                           bool lane);
+/* Ready for requests: the connection, and its put lane if it has one. */
+bool rconn_ready(const rconn_t *c);
+/* Where a request goes: a put (put = true) to the put lane when there is one. */
+rconn_t *rconn_lane(rconn_t *c, bool put);
+/* Gracefully: replies in flight still reach their callbacks. NULL is fine. Closes the put lane
+ * too. */
 void rconn_close(rconn_t *c);
 /* Sends one command; returns 0 (fn runs exactly once) or -1 (fn never runs). */
 int rconn_send(rconn_t *c, redisCallbackFn *fn, void *priv, int argc, const char **argv,

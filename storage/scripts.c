@@ -21,34 +21,34 @@
 
 #define LUA_HELPERS                                                                                \
     "local function epoch() return EPOCH end\n"                                                    \
-    "local function register(P, res)\n"                                                           \
-    "  local cur = tonumber(redis.call('HGET', P .. ':r', res) or '0')\n"                         \
-    "  if tonumber(epoch()) > cur then redis.call('HSET', P .. ':r', res, epoch()) end\n"         \
+    "local function register(P, res)\n"                                                            \
+    "  local cur = tonumber(redis.call('HGET', P .. ':r', res) or '0')\n"                          \
+    "  if tonumber(epoch()) > cur then redis.call('HSET', P .. ':r', res, epoch()) end\n"          \
     "end\n"                                                                                        \
     "local function online(P)\n"                                                                   \
-    "  local res, rs, cur = {}, redis.call('HGETALL', P .. ':r'), tonumber(epoch())\n"            \
+    "  local res, rs, cur = {}, redis.call('HGETALL', P .. ':r'), tonumber(epoch())\n"             \
     "  if cur == 0 then return res end\n"                                                          \
-    "  for i = 1, #rs, 2 do if tonumber(rs[i + 1]) >= cur then res[#res + 1] = rs[i] end end\n"   \
+    "  for i = 1, #rs, 2 do if tonumber(rs[i + 1]) >= cur then res[#res + 1] = rs[i] end end\n"    \
     "  return res\n"                                                                               \
     "end\n"                                                                                        \
-    "local function split(member) return string.match(member, '^(%S+) (.*)$') end\n"              \
+    "local function split(member) return string.match(member, '^(%S+) (.*)$') end\n"               \
     "local function has(list, dev)\n"                                                              \
-    "  return string.find('\\n' .. list .. '\\n', '\\n' .. dev .. '\\n', 1, true) ~= nil\n"         \
+    "  return string.find('\\n' .. list .. '\\n', '\\n' .. dev .. '\\n', 1, true) ~= nil\n"        \
     "end\n"                                                                                        \
     "local function acked_by(P, sid, dev)\n"                                                       \
     "  local list = redis.call('HGET', P .. ':ak', sid)\n"                                         \
-    "  return list and has(list, dev)\n"                                                          \
+    "  return list and has(list, dev)\n"                                                           \
     "end\n"                                                                                        \
     "local function known_devices(P)\n"                                                            \
     "  local k = redis.call('HKEYS', P .. ':dev')\n"                                               \
-    "  for _, r in ipairs(online(P)) do k[#k + 1] = r end\n"                                      \
+    "  for _, r in ipairs(online(P)) do k[#k + 1] = r end\n"                                       \
     "  return k\n"                                                                                 \
     "end\n"                                                                                        \
     "local function all_acked(list, known)\n"                                                      \
-    "  for _, d in ipairs(known) do if not has(list, d) then return false end end\n"              \
+    "  for _, d in ipairs(known) do if not has(list, d) then return false end end\n"               \
     "  return true\n"                                                                              \
     "end\n"                                                                                        \
-    "local function purge_listed(P, sid, blob, list)\n"                                           \
+    "local function purge_listed(P, sid, blob, list)\n"                                            \
     "  if list then\n"                                                                             \
     "    for d in string.gmatch(list, '[^\\n]+') do\n"                                             \
     "      redis.call('HINCRBY', P .. ':an', d, -1)\n"                                             \
@@ -71,8 +71,8 @@
     "end\n"                                                                                        \
     "local function purge_if_done(P, sid, blob, known)\n"                                          \
     "  local list = redis.call('HGET', P .. ':ak', sid)\n"                                         \
-    "  if not list or not all_acked(list, known) then return false end\n"                         \
-    "  purge_listed(P, sid, blob, list)\n"                                                        \
+    "  if not list or not all_acked(list, known) then return false end\n"                          \
+    "  purge_listed(P, sid, blob, list)\n"                                                         \
     "  return true\n"                                                                              \
     "end\n"                                                                                        \
     "local function device_offline(P, dev)\n"                                                      \
@@ -82,8 +82,8 @@
     "    if d == dev then\n"                                                                       \
     "      redis.call('ZREM', P .. ':p', m)\n"                                                     \
     "      local blob = redis.call('HGET', P .. ':m', sid)\n"                                      \
-    "      known = known or known_devices(P)\n"                                                   \
-    "      if blob then purge_if_done(P, sid, blob, known) end\n"                                 \
+    "      known = known or known_devices(P)\n"                                                    \
+    "      if blob then purge_if_done(P, sid, blob, known) end\n"                                  \
     "    end\n"                                                                                    \
     "  end\n"                                                                                      \
     "end\n"
@@ -96,7 +96,8 @@
     "local function view(P, dev, after, n, scan)\n"                                                \
     "  local out, cursor, seen, lo = {}, nil, 0, '(' .. after\n"                                   \
     "  while true do\n"                                                                            \
-    "    local chunk = redis.call('ZRANGEBYSCORE', P .. ':q', lo, '+inf', 'WITHSCORES', 'LIMIT', 0, 64)\n" \
+    "    local chunk = redis.call('ZRANGEBYSCORE', P .. ':q', lo, '+inf', 'WITHSCORES', 'LIMIT', " \
+    "0, 64)\n"                                                                                     \
     "    if #chunk == 0 then return out, cursor, true end\n"                                       \
     "    for i = 1, #chunk, 2 do\n"                                                                \
     "      if #out >= n or seen >= scan then return out, cursor, false end\n"                      \
@@ -108,7 +109,8 @@
     "  end\n"                                                                                      \
     "end\n"                                                                                        \
     "local function touch(P, dev, now)\n"                                                          \
-    "  if redis.call('HEXISTS', P .. ':dev', dev) == 1 then redis.call('HSET', P .. ':dev', dev, now) end\n" \
+    "  if redis.call('HEXISTS', P .. ':dev', dev) == 1 then redis.call('HSET', P .. ':dev', dev, " \
+    "now) end\n"                                                                                   \
     "end\n"
 
 /* KEYS: P, and on a single Redis also the user's index shard (due, online, arch, act), which it
@@ -117,9 +119,7 @@
  * requested: dedupe and keep pending), now, retry_ms, window_ms, dedupe_s, max_n, max_b.
  * Returns {'dup', S} | {'full'} | {'live', S or '', resource...} | {'offline', S} | {'cold'}:
  * the user has no state here (new, or evicted to the archive); the caller restores it first. */
-static const char put_lua[] =
-    LUA_PROLOGUE
-    LUA_HELPERS
+static const char put_lua[] = LUA_PROLOGUE LUA_HELPERS
     "local P, user, sender, oid, blob = KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[5]\n"
     "local track, now = ARGV[6] == '1', tonumber(ARGV[7])\n"
     "if redis.call('EXISTS', P .. ':seq') == 0 then return {'cold'} end\n"
@@ -132,7 +132,8 @@ static const char put_lua[] =
     "local res = online(P)\n"
     "if #res > 0 and not track then return {'live', '', unpack(res)} end\n"
     "local b = tonumber(redis.call('GET', P .. ':qb') or '0')\n"
-    "if redis.call('ZCARD', P .. ':q') >= tonumber(ARGV[11]) or b + #blob > tonumber(ARGV[12]) then\n"
+    "if redis.call('ZCARD', P .. ':q') >= tonumber(ARGV[11]) or b + #blob > tonumber(ARGV[12]) "
+    "then\n"
     "  return {'full'}\n"
     "end\n"
     "local seq = redis.call('INCR', P .. ':seq')\n"
@@ -162,60 +163,53 @@ static const char put_lua[] =
  * separated), {S found here...}, S, blob, ...}, the pairs being the messages acked for the first
  * time by any device: the receipts to relay, once per message. */
 static const char ack_lua[] =
-    LUA_PROLOGUE
-    LUA_HELPERS
-    "local P, dev, found = KEYS[1], ARGV[1], {}\n"
-    "local out = {redis.call('EXISTS', P .. ':ar'), '', found}\n"
-    "redis.call('HSET', P .. ':dev', dev, ARGV[2])\n"
-    "local known = known_devices(P)\n"
-    "local function ack(sid)\n"
-    "  local blob = redis.call('HGET', P .. ':m', sid)\n"
-    "  if not blob then return end\n"
-    "  found[#found + 1] = sid\n"
-    "  redis.call('ZREM', P .. ':p', sid .. ' ' .. dev)\n"
-    "  local list = redis.call('HGET', P .. ':ak', sid)\n"
-    "  if list and has(list, dev) then return end\n"
-    "  if not list then\n"
-    "    out[#out + 1] = sid\n"
-    "    out[#out + 1] = blob\n"
-    "  end\n"
-    "  local now_acked = list and (list .. '\\n' .. dev) or dev\n"
-    "  if all_acked(now_acked, known) then\n"
-    "    purge_listed(P, sid, blob, list)\n"
-    "  else\n"
-    "    redis.call('HSET', P .. ':ak', sid, now_acked)\n"
-    "    redis.call('HINCRBY', P .. ':an', dev, 1)\n"
-    "    redis.call('HINCRBY', P .. ':ab', dev, #blob)\n"
-    "  end\n"
-    "end\n"
-    "if ARGV[3] == 'orig' then\n"
-    "  local sid = redis.call('HGET', P .. ':o', ARGV[4])\n"
-    "  if sid then ack(sid) end\n"
-    "else\n"
-    "  for i = 4, #ARGV do ack(ARGV[i]) end\n"
-    "end\n"
-    "out[2] = table.concat(known, '\\n')\n"
-    "return out\n";
+    LUA_PROLOGUE LUA_HELPERS "local P, dev, found = KEYS[1], ARGV[1], {}\n"
+                             "local out = {redis.call('EXISTS', P .. ':ar'), '', found}\n"
+                             "redis.call('HSET', P .. ':dev', dev, ARGV[2])\n"
+                             "local known = known_devices(P)\n"
+                             "local function ack(sid)\n"
+                             "  local blob = redis.call('HGET', P .. ':m', sid)\n"
+                             "  if not blob then return end\n"
+                             "  found[#found + 1] = sid\n"
+                             "  redis.call('ZREM', P .. ':p', sid .. ' ' .. dev)\n"
+                             "  local list = redis.call('HGET', P .. ':ak', sid)\n"
+                             "  if list and has(list, dev) then return end\n"
+                             "  if not list then\n"
+                             "    out[#out + 1] = sid\n"
+                             "    out[#out + 1] = blob\n"
+                             "  end\n"
+                             "  local now_acked = list and (list .. '\\n' .. dev) or dev\n"
+                             "  if all_acked(now_acked, known) then\n"
+                             "    purge_listed(P, sid, blob, list)\n"
+                             "  else\n"
+                             "    redis.call('HSET', P .. ':ak', sid, now_acked)\n"
+                             "    redis.call('HINCRBY', P .. ':an', dev, 1)\n"
+                             "    redis.call('HINCRBY', P .. ':ab', dev, #blob)\n"
+                             "  end\n"
+                             "end\n"
+                             "if ARGV[3] == 'orig' then\n"
+                             "  local sid = redis.call('HGET', P .. ':o', ARGV[4])\n"
+                             "  if sid then ack(sid) end\n"
+                             "else\n"
+                             "  for i = 4, #ARGV do ack(ARGV[i]) end\n"
+                             "end\n"
+                             "out[2] = table.concat(known, '\\n')\n"
+                             "return out\n";
 
 /* KEYS: P. ARGV: user, resource. A push to the resource bounced: it is gone, and its pending
  * deliveries end (what it has not acked stays in the queue if it is a known device). Returns how
  * many resources are still registered (0: the caller takes the user off the online index). */
-static const char bounce_lua[] =
-    LUA_PROLOGUE
-    LUA_HELPERS
-    "local P = KEYS[1]\n"
-    "redis.call('HDEL', P .. ':r', ARGV[2])\n"
-    "device_offline(P, ARGV[2])\n"
-    "return redis.call('HLEN', P .. ':r')\n";
+static const char bounce_lua[] = LUA_PROLOGUE LUA_HELPERS "local P = KEYS[1]\n"
+                                                          "redis.call('HDEL', P .. ':r', ARGV[2])\n"
+                                                          "device_offline(P, ARGV[2])\n"
+                                                          "return redis.call('HLEN', P .. ':r')\n";
 
 /* KEYS: P. ARGV: now, retry_ms. The user's pending deliveries that are due: past their delivery
  * window or to a resource no longer online they end (the message stays in the queue), otherwise
  * they are rescheduled and returned for retransmission. Returns {next due (-1: none left),
  * resource, {S, blob, ...}, resource, {...}, ...}, one group per resource with something to
  * resend. */
-static const char due_lua[] =
-    LUA_PROLOGUE
-    LUA_HELPERS
+static const char due_lua[] = LUA_PROLOGUE LUA_HELPERS
     "local P, now, retry = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])\n"
     "local on, groups, order = {}, {}, {}\n"
     "for _, r in ipairs(online(P)) do on[r] = true end\n"
@@ -246,12 +240,11 @@ static const char due_lua[] =
  * after a reconnect, and no unavailable came in between). A resource that leaves ends its
  * pending deliveries at once: no retry interval to wait out. Returns how many resources are
  * registered (the caller keeps the online index in step). */
-static const char presence_lua[] =
-    LUA_PROLOGUE
-    LUA_HELPERS LUA_VIEW
+static const char presence_lua[] = LUA_PROLOGUE LUA_HELPERS LUA_VIEW
     "local P, op, user, res = KEYS[1], ARGV[1], ARGV[2], ARGV[3]\n"
     "if op == 'set' then\n"
-    "  if redis.call('HEXISTS', P .. ':r', res) == 0 then redis.call('HSET', P .. ':r', res, 0) end\n"
+    "  if redis.call('HEXISTS', P .. ':r', res) == 0 then redis.call('HSET', P .. ':r', res, 0) "
+    "end\n"
     "  register(P, res)\n"
     "  touch(P, res, ARGV[4])\n"
     "elseif op == 'verify' then\n"
@@ -265,21 +258,19 @@ static const char presence_lua[] =
 /* KEYS: P. Returns the user's resources registered under an older link epoch: to ping after a
  * reconnect. */
 static const char stale_lua[] =
-    LUA_PROLOGUE
-    LUA_HELPERS
-    "local out, rs = {}, redis.call('HGETALL', KEYS[1] .. ':r')\n"
-    "for i = 1, #rs, 2 do if tonumber(rs[i + 1]) < tonumber(epoch()) then out[#out + 1] = rs[i] end end\n"
-    "return out\n";
+    LUA_PROLOGUE LUA_HELPERS "local out, rs = {}, redis.call('HGETALL', KEYS[1] .. ':r')\n"
+                             "for i = 1, #rs, 2 do if tonumber(rs[i + 1]) < tonumber(epoch()) then "
+                             "out[#out + 1] = rs[i] end end\n"
+                             "return out\n";
 
 /* KEYS: P. ARGV: device, now, max items. The device's view: what it has not acked.
  * Returns {count, bytes, oldest blob, newest blob, archived (0|1), S, blob, ...} with the blobs ''
  * when the view is empty and up to max (S, blob) pairs, oldest first. */
-static const char summary_lua[] =
-    LUA_PROLOGUE
-    LUA_HELPERS LUA_VIEW
+static const char summary_lua[] = LUA_PROLOGUE LUA_HELPERS LUA_VIEW
     "local P, dev, max = KEYS[1], ARGV[1], tonumber(ARGV[3])\n"
     "touch(P, dev, ARGV[2])\n"
-    "local count = redis.call('ZCARD', P .. ':q') - tonumber(redis.call('HGET', P .. ':an', dev) or '0')\n"
+    "local count = redis.call('ZCARD', P .. ':q') - tonumber(redis.call('HGET', P .. ':an', dev) "
+    "or '0')\n"
     "local bytes = tonumber(redis.call('GET', P .. ':qb') or '0') -\n"
     "              tonumber(redis.call('HGET', P .. ':ab', dev) or '0')\n"
     "local out = {count, bytes, '', '', redis.call('EXISTS', P .. ':ar')}\n"
@@ -307,9 +298,7 @@ static const char summary_lua[] =
  * stall the reader. Returns {complete (0|1), cursor ('' for none), archived (0|1), S, blob, ...};
  * the next page
  * starts after the cursor, which may be past the last item when acked messages were skipped. */
-static const char fetch_lua[] =
-    LUA_PROLOGUE
-    LUA_HELPERS LUA_VIEW
+static const char fetch_lua[] = LUA_PROLOGUE LUA_HELPERS LUA_VIEW
     "local P, dev = KEYS[1], ARGV[1]\n"
     "local max, budget, over = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])\n"
     "touch(P, dev, ARGV[2])\n"
@@ -333,15 +322,14 @@ static const char fetch_lua[] =
     "return out\n";
 
 /* The stamp in a blob's header ("1 <stamp_ms> ..."): the archiver's one look inside a blob. */
-#define LUA_STAMP "local function stamp_of(blob) return tonumber(string.match(blob, '^%d+ (%d+) ')) end\n"
+#define LUA_STAMP                                                                                  \
+    "local function stamp_of(blob) return tonumber(string.match(blob, '^%d+ (%d+) ')) end\n"
 
 /* KEYS: P. ARGV: cutoff, now, max. The user's oldest messages stamped before cutoff and out of
  * their delivery window, oldest first, stopping at the first younger one. Marks the user as
  * having an archive (P:ar) before anything is copied, so acks from now on also go to the archive.
  * Returns {S, blob, acked, origin, ...}; nothing is removed here. */
-static const char archive_take_lua[] =
-    LUA_PROLOGUE
-    LUA_STAMP
+static const char archive_take_lua[] = LUA_PROLOGUE LUA_STAMP
     "local P, cutoff, now = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])\n"
     "local msgs = {}\n"
     "for _, sid in ipairs(redis.call('ZRANGE', P .. ':q', 0, tonumber(ARGV[3]) - 1)) do\n"
@@ -360,9 +348,7 @@ static const char archive_take_lua[] =
 /* KEYS: P. ARGV: now, S... The archive committed these messages: remove them here. Returns when
  * the user is next due for archiving: the stamp of its oldest remaining message (or, while that
  * one is in its delivery window, the window's end), -1 when nothing is left. */
-static const char archive_drop_lua[] =
-    LUA_PROLOGUE
-    LUA_HELPERS LUA_STAMP
+static const char archive_drop_lua[] = LUA_PROLOGUE LUA_HELPERS LUA_STAMP
     "local P = KEYS[1]\n"
     "for i = 2, #ARGV do\n"
     "  local blob = redis.call('HGET', P .. ':m', ARGV[i])\n"
@@ -383,18 +369,17 @@ static const char archive_drop_lua[] =
  * for forget_ms, and returns 1 when the user has no state here (new, or evicted: the caller
  * restores it from the archive). */
 static const char activity_lua[] =
-    LUA_PROLOGUE
-    "local P, now = KEYS[1], tonumber(ARGV[1])\n"
-    "local devs = redis.call('HGETALL', P .. ':dev')\n"
-    "for i = 1, #devs, 2 do\n"
-    "  if tonumber(devs[i + 1]) < now - tonumber(ARGV[2]) then redis.call('HDEL', P .. ':dev', devs[i]) end\n"
-    "end\n"
-    "return redis.call('EXISTS', P .. ':seq') == 0 and 1 or 0\n";
+    LUA_PROLOGUE "local P, now = KEYS[1], tonumber(ARGV[1])\n"
+                 "local devs = redis.call('HGETALL', P .. ':dev')\n"
+                 "for i = 1, #devs, 2 do\n"
+                 "  if tonumber(devs[i + 1]) < now - tonumber(ARGV[2]) then redis.call('HDEL', P "
+                 ".. ':dev', devs[i]) end\n"
+                 "end\n"
+                 "return redis.call('EXISTS', P .. ':seq') == 0 and 1 or 0\n";
 
 /* KEYS: P. ARGV: seq, archived (0|1), device, seen, ... Brings back what eviction kept in the
  * archive (or creates the state of a new user: seq 0, no devices). */
-static const char restore_lua[] =
-    LUA_PROLOGUE
+static const char restore_lua[] = LUA_PROLOGUE
     "local P = KEYS[1]\n"
     "if tonumber(redis.call('GET', P .. ':seq') or '-1') < tonumber(ARGV[1]) then\n"
     "  redis.call('SET', P .. ':seq', ARGV[1])\n"
@@ -404,12 +389,10 @@ static const char restore_lua[] =
     "return 1\n";
 
 /* KEYS: P. ARGV: max messages. The user's state to move to the archive, unless somebody is online
- * or a delivery is pending. Returns {} in that case, else {seq, {device, seen, ...}, complete (0|1),
- * {S, blob, acked, origin, ...}}; complete 0 when more than max messages remain (the rest go in a
- * later pass). */
-static const char evict_take_lua[] =
-    LUA_PROLOGUE
-    LUA_HELPERS
+ * or a delivery is pending. Returns {} in that case, else {seq, {device, seen, ...}, complete
+ * (0|1), {S, blob, acked, origin, ...}}; complete 0 when more than max messages remain (the rest go
+ * in a later pass). */
+static const char evict_take_lua[] = LUA_PROLOGUE LUA_HELPERS
     "local P, per = KEYS[1], tonumber(ARGV[1])\n"
     "if #online(P) > 0 or redis.call('ZCARD', P .. ':p') > 0 then return {} end\n"
     "local sids = redis.call('ZRANGE', P .. ':q', 0, per)\n"
@@ -428,9 +411,7 @@ static const char evict_take_lua[] =
 /* KEYS: P. ARGV: evict (0|1), S... The archive committed these messages (and, with evict 1, the
  * user's state): delete them here; with evict 1 and nothing left and nobody online, delete all of
  * the user's state. Returns 1 when evicted. */
-static const char evict_drop_lua[] =
-    LUA_PROLOGUE
-    LUA_HELPERS
+static const char evict_drop_lua[] = LUA_PROLOGUE LUA_HELPERS
     "local P = KEYS[1]\n"
     "for i = 2, #ARGV do\n"
     "  local blob = redis.call('HGET', P .. ':m', ARGV[i])\n"
@@ -438,7 +419,8 @@ static const char evict_drop_lua[] =
     "end\n"
     "if ARGV[1] ~= '1' or redis.call('ZCARD', P .. ':q') > 0 or #online(P) > 0 or\n"
     "   redis.call('ZCARD', P .. ':p') > 0 then return 0 end\n"
-    "for _, k in ipairs({'seq', 'm', 'q', 'qb', 'ak', 'an', 'ab', 'dev', 'p', 'pw', 'o', 'k', 'r', 'ar'}) do\n"
+    "for _, k in ipairs({'seq', 'm', 'q', 'qb', 'ak', 'an', 'ab', 'dev', 'p', 'pw', 'o', 'k', 'r', "
+    "'ar'}) do\n"
     "  redis.call('DEL', P .. ':' .. k)\n"
     "end\n"
     "return 1\n";
@@ -450,8 +432,7 @@ static const char evict_drop_lua[] =
  * (keeping an earlier due), archiving and eviction (keeping the earlier stamps). Sent before the
  * message's own script, so a crash in between leaves at worst an index entry with nothing behind
  * it, which the next pass drops. */
-static const char index_put_lua[] =
-    LUA_PROLOGUE
+static const char index_put_lua[] = LUA_PROLOGUE
     "if tonumber(ARGV[2]) > 0 then redis.call('ZADD', KEYS[1], 'LT', ARGV[2], ARGV[1]) end\n"
     "redis.call('ZADD', KEYS[3], 'NX', ARGV[3], ARGV[1])\n"
     "redis.call('ZADD', KEYS[4], 'NX', ARGV[3], ARGV[1])\n"
@@ -460,8 +441,7 @@ static const char index_put_lua[] =
 /* ARGV: which (1 due, 3 arch, 4 act), limit, lease, max. Claims up to max users whose score is
  * at most limit by setting their score to lease, so that another instance sharing the indexes
  * does not claim them too before the lease ends. Returns the users. */
-static const char index_claim_lua[] =
-    LUA_PROLOGUE
+static const char index_claim_lua[] = LUA_PROLOGUE
     "local idx = KEYS[tonumber(ARGV[1])]\n"
     "local users = redis.call('ZRANGEBYSCORE', idx, '-inf', ARGV[2], 'LIMIT', 0, ARGV[4])\n"
     "for _, u in ipairs(users) do redis.call('ZADD', idx, ARGV[3], u) end\n"
@@ -471,43 +451,45 @@ static const char index_claim_lua[] =
  * or off the index when nothing is left, unless a writer changed the entry since the claim (then
  * only an earlier score is taken). */
 static const char index_set_lua[] =
-    LUA_PROLOGUE
-    "local idx = KEYS[tonumber(ARGV[1])]\n"
-    "local cur, score = redis.call('ZSCORE', idx, ARGV[2]), tonumber(ARGV[3])\n"
-    "local mine = cur and tonumber(cur) == tonumber(ARGV[4])\n"
-    "if score < 0 then\n"
-    "  if mine then redis.call('ZREM', idx, ARGV[2]) end\n"
-    "elseif mine or not cur then\n"
-    "  redis.call('ZADD', idx, score, ARGV[2])\n"
-    "else\n"
-    "  redis.call('ZADD', idx, 'LT', score, ARGV[2])\n"
-    "end\n"
-    "return 1\n";
+    LUA_PROLOGUE "local idx = KEYS[tonumber(ARGV[1])]\n"
+                 "local cur, score = redis.call('ZSCORE', idx, ARGV[2]), tonumber(ARGV[3])\n"
+                 "local mine = cur and tonumber(cur) == tonumber(ARGV[4])\n"
+                 "if score < 0 then\n"
+                 "  if mine then redis.call('ZREM', idx, ARGV[2]) end\n"
+                 "elseif mine or not cur then\n"
+                 "  redis.call('ZADD', idx, score, ARGV[2])\n"
+                 "else\n"
+                 "  redis.call('ZADD', idx, 'LT', score, ARGV[2])\n"
+                 "end\n"
+                 "return 1\n";
 
 /* ARGV: user, op: 'online' (SADD), 'offline' (SREM), 'active' (ZADD act now=ARGV[3]),
  * 'restored' (ZADD NX act), 'forget' (off every index: evicted). */
 static const char index_user_lua[] =
-    LUA_PROLOGUE
-    "local u, op = ARGV[1], ARGV[2]\n"
-    "if op == 'online' then redis.call('SADD', KEYS[2], u)\n"
-    "elseif op == 'offline' then redis.call('SREM', KEYS[2], u)\n"
-    "elseif op == 'active' then redis.call('ZADD', KEYS[4], ARGV[3], u)\n"
-    "elseif op == 'restored' then redis.call('ZADD', KEYS[4], 'NX', ARGV[3], u)\n"
-    "elseif op == 'forget' then\n"
-    "  redis.call('ZREM', KEYS[1], u)\n"
-    "  redis.call('SREM', KEYS[2], u)\n"
-    "  redis.call('ZREM', KEYS[3], u)\n"
-    "  redis.call('ZREM', KEYS[4], u)\n"
-    "end\n"
-    "return 1\n";
+    LUA_PROLOGUE "local u, op = ARGV[1], ARGV[2]\n"
+                 "if op == 'online' then redis.call('SADD', KEYS[2], u)\n"
+                 "elseif op == 'offline' then redis.call('SREM', KEYS[2], u)\n"
+                 "elseif op == 'active' then redis.call('ZADD', KEYS[4], ARGV[3], u)\n"
+                 "elseif op == 'restored' then redis.call('ZADD', KEYS[4], 'NX', ARGV[3], u)\n"
+                 "elseif op == 'forget' then\n"
+                 "  redis.call('ZREM', KEYS[1], u)\n"
+                 "  redis.call('SREM', KEYS[2], u)\n"
+                 "  redis.call('ZREM', KEYS[3], u)\n"
+                 "  redis.call('ZREM', KEYS[4], u)\n"
+                 "end\n"
+                 "return 1\n";
 
 const char *store_script_source(store_script_t s)
 {
     static const char *const sources[STORE_SCRIPT_COUNT] = {
-        [STORE_SCRIPT_PUT] = put_lua,         [STORE_SCRIPT_ACK] = ack_lua,
-        [STORE_SCRIPT_BOUNCE] = bounce_lua,   [STORE_SCRIPT_DUE] = due_lua,
-        [STORE_SCRIPT_PRESENCE] = presence_lua, [STORE_SCRIPT_STALE] = stale_lua,
-        [STORE_SCRIPT_SUMMARY] = summary_lua, [STORE_SCRIPT_FETCH] = fetch_lua,
+        [STORE_SCRIPT_PUT] = put_lua,
+        [STORE_SCRIPT_ACK] = ack_lua,
+        [STORE_SCRIPT_BOUNCE] = bounce_lua,
+        [STORE_SCRIPT_DUE] = due_lua,
+        [STORE_SCRIPT_PRESENCE] = presence_lua,
+        [STORE_SCRIPT_STALE] = stale_lua,
+        [STORE_SCRIPT_SUMMARY] = summary_lua,
+        [STORE_SCRIPT_FETCH] = fetch_lua,
         [STORE_SCRIPT_ARCHIVE_TAKE] = archive_take_lua,
         [STORE_SCRIPT_ARCHIVE_DROP] = archive_drop_lua,
         [STORE_SCRIPT_ACTIVITY] = activity_lua,

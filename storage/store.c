@@ -38,15 +38,28 @@ void store__conn_gone(store_t *st)
 
 void store__on_conn(store_t *st, rconn_t *c, int ready, const char *err)
 {
-    if (st->closing)
+    if (st->closing || c->closing)
         return;
+    if (c->primary) /* a put lane: its node is ready when both are */
+        c = c->primary;
     if (st->cluster) {
         cluster__on_conn(st, c, ready, err);
         return;
     }
-    st->connected = ready;
-    if (st->on_state)
-        st->on_state(st->ud, ready, err);
+    bool now = rconn_ready(st->single);
+    if (now == st->connected && now)
+        return;
+    st->connected = now;
+    if (st->on_state && (now || !ready))
+        st->on_state(st->ud, now, err);
+}
+
+/* The watchdog of one node: a WAIT may rightly keep its put lane silent for wait_timeout. */
+void store__check_conn(store_t *st, rconn_t *c, uint64_t now)
+{
+    rconn_check(c, now, st->timeout_ms);
+    if (c->twin)
+        rconn_check(c->twin, now, st->timeout_ms + st->wait_timeout_ms);
 }
 
 static void on_tick(uv_timer_t *t)
@@ -58,7 +71,7 @@ static void on_tick(uv_timer_t *t)
     if (st->cluster)
         cluster__tick(st, now);
     else
-        rconn_check(st->single, now, st->timeout_ms);
+        store__check_conn(st, st->single, now);
 }
 
 int store_create(uv_loop_t *loop, const store_config_t *cfg, store_state_cb on_state, void *ud,
@@ -103,7 +116,8 @@ int store_create(uv_loop_t *loop, const store_config_t *cfg, store_state_cb on_s
             free(st);
             return rc;
         }
-    } else if (!(st->single = rconn_create(st, st->host, st->port, st->socket, false))) {
+    } else if (!(st->single = rconn_create_node(st, st->host, st->port, st->socket,
+                                                st->wait_replicas > 0))) {
         free(st->host);
         free(st->socket);
         free(st->password);
@@ -458,37 +472,77 @@ static redisReply *reply_dup(const redisReply *r)
     return d;
 }
 
-/* WAIT answers how many replicas have every write this connection sent so far, the put
- * included: only then is the put's own reply handed on. */
-static void on_wait_reply(redisAsyncContext *ac, void *reply, void *privdata)
+/* ---- the put lane: group commit with WAIT ------------------------------------------------- */
+
+static void gc_send(rconn_t *lane);
+
+/* WAIT answers how many replicas acknowledged every write this connection sent before it: every
+ * put of the batch. Only then are their replies handed on. */
+static void on_gc_wait(redisAsyncContext *ac, void *reply, void *privdata)
 {
     (void)ac;
-    req_t *rq = privdata;
+    rconn_t *lane = privdata;
     redisReply *r = reply;
-    rconn_on_reply(rq->conn);
-    rq->conn = NULL;
-    if (r && r->type == REDIS_REPLY_INTEGER && r->integer >= (long long)rq->st->wait_replicas) {
-        if (reply_dispatch(rq, rq->held) < 0)
+    store_t *st = lane->st;
+    rconn_on_reply(lane);
+    bool ok = r && r->type == REDIS_REPLY_INTEGER && r->integer >= (long long)st->wait_replicas;
+    lane->gc_degraded = !ok;
+    req_t *batch = lane->gc_batch;
+    lane->gc_batch = NULL;
+    lane->gc_waiting = false;
+    while (batch) {
+        req_t *rq = batch;
+        batch = rq->next;
+        if (!ok)
+            reply_fail(rq, STORE_EDOWN); /* on the master only: the sender retries, dedupe */
+        else if (reply_dispatch(rq, rq->held) < 0)
             reply_fail(rq, STORE_EREPLY);
-    } else {
-        reply_fail(rq, STORE_EDOWN); /* stored on the master only: the sender retries, dedupe */
+        req_done(rq);
     }
-    req_done(rq);
+    if (lane->gc_pending)
+        gc_send(lane);
 }
 
-static int wait_replicas(req_t *rq, rconn_t *c, const redisReply *r)
+/* Sends one WAIT for every put answered so far. While the replicas fall short it waits at most
+ * 100 ms, so that puts fail soon after wait_timeout rather than one wait_timeout after another. */
+static void gc_send(rconn_t *lane)
 {
-    store_t *st = rq->st;
+    store_t *st = lane->st;
+    unsigned timeout = st->wait_timeout_ms;
+    if (lane->gc_degraded && timeout > 100)
+        timeout = 100;
     char n[16], t[16];
     snprintf(n, sizeof n, "%u", st->wait_replicas);
-    snprintf(t, sizeof t, "%u", st->wait_timeout_ms);
+    snprintf(t, sizeof t, "%u", timeout);
     const char *argv[] = {"WAIT", n, t};
-    if (!(rq->held = reply_dup(r)))
-        return STORE_ENOMEM;
-    rq->conn = c;
-    if (rconn_send(c, on_wait_reply, rq, 3, argv, NULL) < 0)
-        return STORE_EDOWN;
-    return 0;
+    lane->gc_batch = lane->gc_pending;
+    lane->gc_pending = lane->gc_pending_tail = NULL;
+    if (rconn_send(lane, on_gc_wait, lane, 3, argv, NULL) == 0) {
+        lane->gc_waiting = true;
+        return;
+    }
+    while (lane->gc_batch) {
+        req_t *rq = lane->gc_batch;
+        lane->gc_batch = rq->next;
+        store__req_fail(rq, STORE_EDOWN);
+    }
+}
+
+/* A put answered on its lane: it waits for the next WAIT. */
+static void gc_add(rconn_t *lane, req_t *rq, const redisReply *r)
+{
+    if (!(rq->held = reply_dup(r))) {
+        store__req_fail(rq, STORE_ENOMEM);
+        return;
+    }
+    rq->next = NULL;
+    if (lane->gc_pending_tail)
+        lane->gc_pending_tail->next = rq;
+    else
+        lane->gc_pending = rq;
+    lane->gc_pending_tail = rq;
+    if (!lane->gc_waiting)
+        gc_send(lane);
 }
 
 void store__on_reply(redisAsyncContext *ac, void *reply, void *privdata)
@@ -516,10 +570,8 @@ void store__on_reply(redisAsyncContext *ac, void *reply, void *privdata)
         store__req_fail(rq, STORE_EREPLY);
         return;
     }
-    if (rq->kind == REQ_PUT && st->wait_replicas && !rq->held) {
-        int rc = wait_replicas(rq, c, r);
-        if (rc < 0)
-            store__req_fail(rq, rc);
+    if (rq->kind == REQ_PUT && st->wait_replicas) {
+        gc_add(c, rq, r);
         return;
     }
     if (reply_dispatch(rq, r) < 0)
@@ -573,8 +625,8 @@ static int send_argv(store_t *st, req_t *rq, int argc, const char **argv, const 
         cluster__dispatch(st, rq);
         return 0;
     }
-    rq->conn = st->single;
-    if (rconn_send(st->single, store__on_reply, rq, argc, argv, lens) < 0) {
+    rq->conn = rconn_lane(st->single, rq->put_lane);
+    if (rconn_send(rq->conn, store__on_reply, rq, argc, argv, lens) < 0) {
         store_req_free(rq);
         return STORE_EDOWN;
     }
@@ -693,6 +745,7 @@ int store_put_message(store_t *st, const store_put_t *p, store_put_cb cb, void *
     if (!rq)
         return STORE_ENOMEM;
     rq->cb.put = cb;
+    rq->put_lane = true;
     /* A single Redis runs the index updates inside the put script, atomically; a cluster needs
      * them sent first, to the shard's own slot (storage/sweep.c). */
     char keys[4][INDEX_KEY_MAX];

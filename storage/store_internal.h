@@ -85,6 +85,7 @@ typedef struct req {
     uint64_t not_before; /* loop time before which a parked request is not sent again */
     unsigned redirects;  /* MOVED followed */
     unsigned tries;      /* times parked and sent again */
+    bool put_lane;       /* a put or its index write: to the put lane, when there is one */
     struct req *next;    /* the parked list */
 } req_t;
 
@@ -125,6 +126,8 @@ int store_reply_old_msgs(const redisReply *m, store_old_msg_t **out, size_t *n);
 void store__req_fail(req_t *rq, int err);
 /* hiredis' reply callback of every request (privdata: the req_t). */
 void store__on_reply(redisAsyncContext *ac, void *reply, void *privdata);
+/* The watchdog for one node's connection(s). */
+void store__check_conn(store_t *st, struct rconn *c, uint64_t now);
 
 /* storage/cluster.c */
 int cluster__create(store_t *st, const char *seeds);

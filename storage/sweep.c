@@ -44,11 +44,20 @@ static void sweep_release(sweep_t *sw)
     if (--sw->pending)
         return;
     switch (sw->kind) {
-    case SW_DUE: sw->cb.due(sw->ud, sw->err, NULL, 0, true); break;
-    case SW_STALE: sw->cb.stale(sw->ud, sw->err, NULL, NULL, 0, true); break;
-    case SW_ARCH: sw->cb.old(sw->ud, sw->err, NULL, true); break;
-    case SW_EVICT: sw->cb.evict(sw->ud, sw->err, NULL, true); break;
-    case SW_AFTER: break;
+    case SW_DUE:
+        sw->cb.due(sw->ud, sw->err, NULL, 0, true);
+        break;
+    case SW_STALE:
+        sw->cb.stale(sw->ud, sw->err, NULL, NULL, 0, true);
+        break;
+    case SW_ARCH:
+        sw->cb.old(sw->ud, sw->err, NULL, true);
+        break;
+    case SW_EVICT:
+        sw->cb.evict(sw->ud, sw->err, NULL, true);
+        break;
+    case SW_AFTER:
+        break;
     }
     free(sw);
 }
@@ -76,13 +85,14 @@ static void sweep_send(sweep_t *sw, cmd_t *c, int step, const char *user, unsign
 
 /* An index script call without a reply to wait for. */
 static void index_call(store_t *st, unsigned shard, store_script_t s, const char *const *args,
-                       size_t n)
+                       size_t n, bool put_lane)
 {
     cmd_t c;
     char keys[4][INDEX_KEY_MAX];
     req_t *rq = store_req_new(REQ_IGNORE, NULL);
     if (!rq)
         return;
+    rq->put_lane = put_lane;
     store_cmd_evalsha(&c, st, s, 4);
     store_cmd_add_index(&c, shard, keys);
     store_send_list(st, rq, &c, args, n);
@@ -95,7 +105,7 @@ void store_index_set(store_t *st, const char *user, int which, int64_t score, in
     snprintf(sc, sizeof sc, "%lld", (long long)score);
     snprintf(ls, sizeof ls, "%lld", (long long)lease);
     const char *args[] = {w, user, sc, ls};
-    index_call(st, store_user_shard(user), STORE_SCRIPT_INDEX_SET, args, 4);
+    index_call(st, store_user_shard(user), STORE_SCRIPT_INDEX_SET, args, 4, false);
 }
 
 void store_index_user(store_t *st, const char *user, const char *op, int64_t now)
@@ -103,7 +113,7 @@ void store_index_user(store_t *st, const char *user, const char *op, int64_t now
     char n[24];
     snprintf(n, sizeof n, "%lld", (long long)now);
     const char *args[] = {user, op, n};
-    index_call(st, store_user_shard(user), STORE_SCRIPT_INDEX_USER, args, 3);
+    index_call(st, store_user_shard(user), STORE_SCRIPT_INDEX_USER, args, 3, false);
 }
 
 void store_index_put(store_t *st, const char *user, int64_t due, int64_t now)
@@ -112,7 +122,8 @@ void store_index_put(store_t *st, const char *user, int64_t due, int64_t now)
     snprintf(d, sizeof d, "%lld", (long long)due);
     snprintf(n, sizeof n, "%lld", (long long)now);
     const char *args[] = {user, d, n};
-    index_call(st, store_user_shard(user), STORE_SCRIPT_INDEX_PUT, args, 3);
+    /* On the put's own connection, so that it runs before the put it announces. */
+    index_call(st, store_user_shard(user), STORE_SCRIPT_INDEX_PUT, args, 3, true);
 }
 
 /* ---- starting a sweep: claim from every shard ------------------------------------------------ */
@@ -256,7 +267,8 @@ static void user_step(sweep_t *sw, const char *user, unsigned shard)
         store_cmd_add(&c, prefix);
         store_cmd_add_num(&c, sw->max_msgs);
         break;
-    case SW_AFTER: return;
+    case SW_AFTER:
+        return;
     }
     sweep_send(sw, &c, STEP_USER, user, shard, NULL, 0);
 }
@@ -343,8 +355,8 @@ static int on_user_evict(sweep_t *sw, const char *user, const redisReply *r)
     }
     for (size_t k = 0; k < e[1]->elements; k++)
         devs[k] = store_reply_is_str(e[1]->element[k]) ? e[1]->element[k]->str : "";
-    u.state = (store_user_state_t){user, strtoull(e[0]->str, NULL, 10), devs,
-                                   e[1]->elements / 2, true};
+    u.state =
+        (store_user_state_t){user, strtoull(e[0]->str, NULL, 10), devs, e[1]->elements / 2, true};
     u.complete = e[2]->integer == 1;
     sw->cb.evict(sw->ud, 0, &u, false);
     free(devs);
@@ -423,7 +435,8 @@ static int on_after(sweep_t *sw, const char *user, const redisReply *r)
     return 0;
 }
 
-/* ---- replies ---------------------------------------------------------------------------------- */
+/* ---- replies ----------------------------------------------------------------------------------
+ */
 
 static void after_fail(sweep_t *sw, int err)
 {
@@ -456,11 +469,20 @@ int sweep_on_reply(req_t *rq, const redisReply *r)
         }
     } else {
         switch (sw->kind) {
-        case SW_DUE: rc = on_user_due(sw, rq->user, r); break;
-        case SW_STALE: rc = on_user_stale(sw, rq->user, r); break;
-        case SW_ARCH: rc = on_user_arch(sw, rq->user, r); break;
-        case SW_EVICT: rc = on_user_evict(sw, rq->user, r); break;
-        case SW_AFTER: break;
+        case SW_DUE:
+            rc = on_user_due(sw, rq->user, r);
+            break;
+        case SW_STALE:
+            rc = on_user_stale(sw, rq->user, r);
+            break;
+        case SW_ARCH:
+            rc = on_user_arch(sw, rq->user, r);
+            break;
+        case SW_EVICT:
+            rc = on_user_evict(sw, rq->user, r);
+            break;
+        case SW_AFTER:
+            break;
         }
     }
     if (rc < 0 && !sw->err)
