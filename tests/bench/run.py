@@ -1,6 +1,7 @@
 #!/usr/bin/python3
-"""receiptd benchmarks (issue #3), all measured in one run; prints a table and writes
-tests/bench/RESULTS.md. Every number in both comes from this run.
+"""receiptd benchmarks (issues #3 and #8), all measured in one run; prints a table and writes
+tests/bench/RESULTS.md. Every number in both comes from this run (with --parts, the sections of
+the parts not run are kept from the file; each section says when it was measured).
 
 1. store: loadgen plays the XMPP server and offers N receipt-requested messages to offline
    recipients; stored+acked msg/s at saturation, store->ack latency at a fixed offered rate;
@@ -18,13 +19,22 @@ tests/bench/RESULTS.md. Every number in both comes from this run.
    as the e2e harness configures it, once with network_settings nagle = false.
 4. ceiling: redis-benchmark runs receiptd's own put script (EVALSHA, same arguments) pipelined on
    a fresh Redis of the same configuration: receiptd's store rate as a fraction of that.
+5. cluster (issue #8): the store run at saturation (same loadgen, --cluster-n messages) against
+   the single Redis of part 1 and Redis Clusters of 1, 2 and 3 masters ([redis] cluster = ...),
+   plus 3 masters + 3 replicas with [redis] wait_replicas = 1; stored+acked msg/s, the ratio to
+   1 master, CPU of receiptd, loadgen and every redis-server, run-queue waits (2 cores shared by
+   all of them), Redis commands per message; where the ceiling is. Its own section of
+   RESULTS.md ("Redis Cluster scaling"): `--parts cluster` rewrites only that section, and the
+   other parts alone leave it as it was.
 
-Each figure is the median of --runs runs (--queue-runs for the big retrieval). When the retrieval
-target is missed and perf is installed, one more retrieval runs under perf (not counted in the
-figures) and the top of its profile goes into RESULTS.md.
+Each figure is the median of --runs runs (--queue-runs for the big retrieval, --cluster-runs
+rounds of the cluster part). When the retrieval target is missed and perf is installed, one more
+retrieval runs under perf (not counted in the figures) and the top of its profile goes into
+RESULTS.md.
 
 usage: run.py [--quick] [-n N] [--runs K] [--queue Q] [--queue-runs K] [--sbs-n N]
-              [--parts store,retrieval,sbs,ceiling] [--no-perf] [--out FILE]
+              [--cluster-n N] [--cluster-runs K] [--cluster-masters 1,2,3] [--no-cluster-wait]
+              [--parts store,retrieval,sbs,ceiling,cluster] [--no-perf] [--out FILE]
 """
 import argparse
 import os
@@ -62,6 +72,9 @@ T_STORE_RATIO = 3
 # ~355 bytes, so the default 65536 would cut pages at 97; 131072 lets every page be the 100 the
 # client asks for (the real page is ~60 kB, far under Prosody's 512 kB component stanza limit).
 FETCH_MAX_BYTES = 131072
+# The parts of the main table, and the heading of the cluster part's own section.
+MAIN_PARTS = {"store", "retrieval", "sbs", "ceiling"}
+CLUSTER_HEAD = "## Redis Cluster scaling"
 
 
 class BenchError(Exception):
@@ -107,6 +120,18 @@ def proc_cpu(pid, children=False):
             except OSError:
                 pass  # exited meanwhile: then it is in the parent's reaped-children time
     return total
+
+
+def sched(pid):
+    """(on a core, runnable but waiting for a core) in seconds, of the process' main thread (its
+    event loop; receiptd's libuv pool threads and Redis' background threads are not counted):
+    /proc/PID/schedstat, readable until the process is reaped."""
+    try:
+        with open("/proc/%d/schedstat" % pid) as f:
+            v = f.read().split()
+        return int(v[0]) / 1e9, int(v[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0, 0.0
 
 
 def machine_cpu():
@@ -163,19 +188,11 @@ class Sampler(threading.Thread):
 REDIS_SLOW_FSYNC = []
 
 
-class Redis:
-    def __init__(self, fsync):
-        self.dir = tempfile.mkdtemp(prefix="receiptd-bench-redis-")
-        self.port = free_port()
-        self.log = os.path.join(self.dir, "redis.log")
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
-             "--appendonly", "yes", "--appendfsync", fsync, "--save", "", "--logfile", self.log],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for _ in range(100):
-            if self.cli("ping").strip() == "PONG":
-                break
-            time.sleep(0.05)
+class RedisCli:
+    """redis-cli on one port."""
+
+    def __init__(self, port):
+        self.port = port
 
     def cli(self, *args):
         return subprocess.run(["redis-cli", "-p", str(self.port)] + list(args),
@@ -189,6 +206,26 @@ class Redis:
                 out[k] = v.strip()
         return out
 
+
+# The persistence of every Redis of the benchmark (appendfsync from --fsync).
+def redis_persistence(fsync):
+    return ["--appendonly", "yes", "--appendfsync", fsync, "--save", ""]
+
+
+class Redis(RedisCli):
+    def __init__(self, fsync):
+        super().__init__(free_port())
+        self.dir = tempfile.mkdtemp(prefix="receiptd-bench-redis-")
+        self.log = os.path.join(self.dir, "redis.log")
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir]
+            + redis_persistence(fsync) + ["--logfile", self.log],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(100):
+            if self.cli("ping").strip() == "PONG":
+                break
+            time.sleep(0.05)
+
     def stop(self):
         self.proc.terminate()
         self.proc.wait()
@@ -200,13 +237,16 @@ class Redis:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def write_ini(path, port, redis_port):
+def write_ini(path, port, redis_port, redis_extra=None):
+    """redis_port None: no [redis] port (redis_extra then names a cluster)."""
+    redis = "" if redis_port is None else "port = %d\n" % redis_port
+    redis += "".join("%s = %s\n" % kv_ for kv_ in (redis_extra or {}).items())
     with open(path, "w") as f:
         f.write("[component]\njid = receipts.localhost\nsecret = bench\nserver_host = 127.0.0.1\n"
-                "server_port = %d\nuser_domains = localhost\nlog_level = warn\n[redis]\nport = %d\n"
+                "server_port = %d\nuser_domains = localhost\nlog_level = warn\n[redis]\n%s"
                 "max_inflight = 100000\n[delivery]\nmax_offline_messages = 100000000\n"
                 "max_offline_bytes = 100000000000\nfetch_max_bytes = %d\n"
-                % (port, redis_port, FETCH_MAX_BYTES))
+                % (port, redis, FETCH_MAX_BYTES))
 
 
 # ---- 1. store --------------------------------------------------------------------------------
@@ -459,6 +499,431 @@ def ceiling(n, fsync):
     return float(m.group(1)) if m else 0.0
 
 
+# ---- 5. Redis Cluster scaling ----------------------------------------------------------------
+
+class BenchCluster:
+    """A Redis Cluster of `masters` masters and `replicas` replicas each, every node a
+    redis-server --cluster-enabled yes on free loopback ports (client and bus port), with the
+    persistence of every other Redis of the benchmark. Built by hand rather than with
+    tests/cluster/cluster.py (redis-cli --cluster create there needs at least 3 masters): the
+    16384 slots split into equal ranges (CLUSTER ADDSLOTSRANGE), the nodes joined with CLUSTER
+    MEET, the replicas attached with CLUSTER REPLICATE; ready when every node says
+    cluster_state:ok and knows every node, and every replica's link to its master is up."""
+
+    def __init__(self, masters, replicas, fsync, timeout=30):
+        self.dir = tempfile.mkdtemp(prefix="receiptd-bench-cluster-")
+        self.nodes, self.procs, self.logs = [], [], []
+        self.n_masters = masters
+        try:
+            used = set()
+            for i in range(masters * (1 + replicas)):
+                port, bus = self._ports(used)
+                d = os.path.join(self.dir, "n%d" % i)
+                os.mkdir(d)
+                log = os.path.join(d, "redis.log")
+                self.procs.append(subprocess.Popen(
+                    ["redis-server", "--port", str(port), "--cluster-port", str(bus),
+                     "--bind", "127.0.0.1", "--dir", d, "--cluster-enabled", "yes",
+                     "--cluster-config-file", os.path.join(d, "nodes.conf"),
+                     "--cluster-node-timeout", "5000", "--repl-diskless-sync-delay", "0"]
+                    + redis_persistence(fsync) + ["--logfile", log],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                self.nodes.append(RedisCli(port))
+                self.nodes[-1].bus = bus
+                self.logs.append(log)
+            self._form(masters, replicas, time.monotonic() + timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    @staticmethod
+    def _ports(used):
+        while True:
+            a, b = free_port(), free_port()
+            if a != b and not {a, b} & used:
+                used.update((a, b))
+                return a, b
+
+    def _wait(self, deadline, what, pred):
+        while not pred():
+            for i, p in enumerate(self.procs):
+                if p.poll() is not None:
+                    raise BenchError("cluster node %d (port %d) exited with %s; log:\n%s" % (
+                        i, self.nodes[i].port, p.returncode, harness.tail(self.logs[i])))
+            if time.monotonic() > deadline:
+                raise BenchError("cluster of %d nodes: timed out waiting for %s; logs:\n%s" % (
+                    len(self.nodes), what, "\n".join(harness.tail(x, 1500) for x in self.logs)))
+            time.sleep(0.05)
+
+    def _form(self, masters, replicas, deadline):
+        nodes = self.nodes
+        self._wait(deadline, "PONG", lambda: all(n.cli("ping").strip() == "PONG" for n in nodes))
+        for i in range(masters):
+            lo, hi = i * 16384 // masters, (i + 1) * 16384 // masters - 1
+            r = nodes[i].cli("cluster", "addslotsrange", str(lo), str(hi)).strip()
+            if r != "OK":
+                raise BenchError("CLUSTER ADDSLOTSRANGE %d %d on port %d: %s" % (
+                    lo, hi, nodes[i].port, r))
+        for n in nodes[1:]:
+            nodes[0].cli("cluster", "meet", "127.0.0.1", str(n.port), str(n.bus))
+        ids = [n.cli("cluster", "myid").strip() for n in nodes]
+
+        def known(n):  # every node, past the handshake
+            lines = n.cli("cluster", "nodes").splitlines()
+            return len(lines) == len(nodes) and not any("handshake" in ln for ln in lines)
+        self._wait(deadline, "every node to know every node", lambda: all(map(known, nodes)))
+        for j, n in enumerate(nodes[masters:]):
+            master = ids[j % masters]
+            self._wait(deadline, "CLUSTER REPLICATE on port %d" % n.port,
+                       lambda: n.cli("cluster", "replicate", master).strip() == "OK")
+
+        def ready(i, n):
+            if "cluster_state:ok" not in n.cli("cluster", "info"):
+                return False
+            if i < masters:
+                return int(n.info("replication").get("connected_slaves", -1)) == replicas
+            return n.info("replication").get("master_link_status") == "up"
+        self._wait(deadline, "cluster_state:ok and the replicas in sync",
+                   lambda: all(ready(i, n) for i, n in enumerate(nodes)))
+
+    def seeds(self):
+        return ",".join("127.0.0.1:%d" % n.port for n in self.nodes[:self.n_masters])
+
+    def pids(self):
+        return [p.pid for p in self.procs]
+
+    def stop(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for log in self.logs:
+            try:
+                with open(log) as f:
+                    REDIS_SLOW_FSYNC.extend(ln.strip() for ln in f
+                                            if "fsync is taking too long" in ln)
+            except OSError:
+                pass
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# Commands that are not the work of a message: receiptd's and the benchmark's housekeeping.
+_HOUSEKEEPING = ("script", "info", "config", "cluster", "ping", "command", "client", "hello",
+                 "auth", "select", "readonly", "readwrite")
+
+
+def node_calls(node):
+    """{'evalsha': n, 'wait': n, 'inner': n}: EVALSHA calls, WAIT calls, and every other command
+    (those run inside scripts included) but housekeeping, from INFO commandstats."""
+    out = {"evalsha": 0, "wait": 0, "inner": 0}
+    for k, v in node.info("commandstats").items():
+        if not k.startswith("cmdstat_"):
+            continue
+        name = k[len("cmdstat_"):].split("|")[0]
+        calls = int(re.search(r"calls=(\d+)", v).group(1))
+        if name in ("evalsha", "wait"):
+            out[name] += calls
+        elif name not in _HOUSEKEEPING:
+            out["inner"] += calls
+    return out
+
+
+def warn_lines(path):
+    """receiptd's log lines (log_level = warn: everything it logged is a warning or worse)."""
+    try:
+        with open(path, errors="replace") as f:
+            return [ln.rstrip("\n") for ln in f if ln.strip()]
+    except OSError:
+        return []
+
+
+def cluster_run(masters, replicas, wait, n, fsync):
+    """One store run at saturation (loadgen as for the store part: window 2000, 100 senders, 1000
+    offline recipients) against masters x (1 + replicas) cluster nodes, or, with masters=0, the
+    single non-cluster Redis of the store part. wait: [redis] wait_replicas (0: not set)."""
+    db = Redis(fsync) if masters == 0 else BenchCluster(masters, replicas, fsync)
+    nodes = [db] if masters == 0 else db.nodes
+    pids = [db.proc.pid] if masters == 0 else db.pids()
+    n_masters = max(masters, 1)
+    tmp = tempfile.mkdtemp(prefix="receiptd-bench-cl-")
+    port = free_port()
+    ini = os.path.join(tmp, "receiptd.ini")
+    if masters == 0:
+        write_ini(ini, port, db.port)
+    else:
+        extra = {"cluster": db.seeds()}
+        if wait:
+            extra["wait_replicas"] = str(wait)
+        write_ini(ini, port, None, extra)
+    log = os.path.join(tmp, "log")
+    lg = rd = None
+    try:
+        lg = subprocess.Popen([LOADGEN, "--port", str(port), "--secret", "bench", "-n", str(n),
+                               "--window", "2000", "--rate", "0"],
+                              stdout=subprocess.PIPE, text=True)
+        lg.stdout.readline()  # "ready"
+        calls0 = [node_calls(x) for x in nodes]
+        forks0 = sum(int(x.info("stats")["total_forks"]) for x in nodes)
+        cpu0 = [proc_cpu(p, True) for p in pids]
+        q0 = [sched(p)[1] for p in pids + [lg.pid]]
+        m0, w0 = machine_cpu(), time.monotonic()
+        rd = subprocess.Popen([RECEIPTD, "-c", ini], stderr=open(log, "w"))
+        out = lg.stdout.read()
+        q1 = [sched(p)[1] for p in pids + [lg.pid]]  # loadgen: read before it is reaped
+        rc = lg.wait()
+        m1, w1 = machine_cpu(), time.monotonic()
+        cpu1 = [proc_cpu(p, True) for p in pids]
+        rd_cpu, (rd_run, rd_wait) = proc_cpu(rd.pid), sched(rd.pid)
+        rd_alive = rd.poll() is None
+        calls1 = [node_calls(x) for x in nodes]
+        forks = sum(int(x.info("stats")["total_forks"]) for x in nodes) - forks0
+        fig = kv(out)
+        if rc != 0 or "rate" not in fig or not rd_alive:
+            raise BenchError("cluster store run (%d masters x %d replicas, wait %d) failed "
+                             "(loadgen exit %s, receiptd %s): %s; receiptd log:\n%s" % (
+                                 masters, replicas, wait, rc,
+                                 "running" if rd_alive else "exited %s" % rd.returncode,
+                                 out, harness.tail(log)))
+    finally:
+        if lg and lg.poll() is None:
+            lg.kill()
+            lg.wait()
+        if rd:
+            if rd.poll() is None:
+                rd.terminate()
+            rd.wait()
+        warns = warn_lines(log)
+        # loadgen's exit closes the link: what receiptd logs from then on is not about the run.
+        end = ["lost connection to 127.0.0.1:%d" % port in ln for ln in warns]
+        warns = warns[:end.index(True)] if True in end else warns
+        db.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    # Every CPU figure over the same wall time, from receiptd's start to loadgen's exit (loadgen
+    # reports its own CPU over its measured time, the handshake to the last ack: a few ms less).
+    wall = w1 - w0
+    gen_secs = pct(fig["gen_cpu"]) / 100 * float(fig["seconds"])
+    redis_cpu = [100 * (b - a_) / wall for a_, b in zip(cpu0, cpu1)]
+    # The masters' commands only: a replica's commandstats count what it replays.
+    d = {k: sum(c1[k] - c0[k] for c0, c1 in zip(calls0[:n_masters], calls1))
+         for k in calls0[0]}
+    per_master = [sum(c1.values()) - sum(c0.values()) for c0, c1 in zip(calls0, calls1)][:n_masters]
+    rd_pct, gen_pct = 100 * rd_cpu / wall, 100 * gen_secs / wall
+    procs_pct = 100 * (m1[0] - m0[0]) / wall
+    return {
+        "rate": float(fig["rate"]), "errors": int(fig["errors"]), "wall": wall,
+        "p50": float(fig["p50_ms"]), "p99": float(fig["p99_ms"]),
+        "rd_cpu": rd_pct, "gen_cpu": gen_pct, "rd_wait": 100 * rd_wait / wall,
+        "rd_loop": 100 * (rd_run + rd_wait) / wall, "rd_us": 1e6 * rd_run / n, "forks": forks,
+        "others_wait": 100 * sum(b - a_ for a_, b in zip(q0, q1)) / wall,
+        "redis_sum": sum(redis_cpu), "redis_max": max(redis_cpu[:n_masters]),
+        "replica_sum": sum(redis_cpu[n_masters:]),
+        "irq": 100 * (m1[1] - m0[1]) / wall, "steal": 100 * (m1[2] - m0[2]) / wall,
+        "others": max(0.0, procs_pct - rd_pct - gen_pct - sum(redis_cpu)),
+        "machine": 100 * sum(b - a_ for a_, b in zip(m0, m1)) / wall,
+        "evals_per_msg": d["evalsha"] / n, "inner_per_msg": d["inner"] / n,
+        "wait_per_msg": d["wait"] / n,
+        "top_share": max(per_master) / max(sum(per_master), 1),
+        "warnings": warns,
+    }
+
+
+# (label, masters, replicas per master, wait_replicas); masters 0 = the single non-cluster Redis
+def cluster_setups(masters_list, with_wait):
+    out = [("single Redis, no cluster", 0, 0, 0)]
+    out += [("cluster: %d master%s" % (m, "" if m == 1 else "s"), m, 0, 0) for m in masters_list]
+    if with_wait:
+        out.append(("cluster: 3 masters + 3 replicas, `wait_replicas = 1`", 3, 1, 1))
+    return out
+
+
+def cluster_part(a, say, same_as_main):
+    """Runs every setup a.cluster_runs times, round-robin (each round runs every setup once, so
+    slow drift of the machine's other load hits all setups alike); returns the markdown section."""
+    setups = cluster_setups([int(x) for x in a.cluster_masters.split(",")], not a.no_cluster_wait)
+    t0, m0, load = time.monotonic(), machine_cpu(), os.getloadavg()
+    tt0, slow0 = os.times(), len(REDIS_SLOW_FSYNC)
+    res = {s[0]: [] for s in setups}
+    for r in range(a.cluster_runs):
+        for label, m, rep, w in setups:
+            x = cluster_run(m, rep, w, a.cluster_n, a.fsync)
+            res[label].append(x)
+            say("  cluster round %d, %s: %.0f msg/s; CPU receiptd %.0f%% (+%.0f%% waiting), "
+                "redis sum %.0f%% max %.0f%%, loadgen %.0f%%, irq %.0f%%, others %.0f%%, machine "
+                "%.0f%%; %d log lines"
+                % (r + 1, label, x["rate"], x["rd_cpu"], x["rd_wait"], x["redis_sum"],
+                   x["redis_max"],
+                   x["gen_cpu"], x["irq"], x["others"], x["machine"], len(x["warnings"])))
+    wall = time.monotonic() - t0
+    tt1, m1 = os.times(), machine_cpu()
+    ours = sum(tt1[i] - tt0[i] for i in range(4))
+    others = max(0.0, m1[0] - m0[0] - ours)
+
+    one = next((s[0] for s in setups if s[1] == 1 and s[2] == 0), None)
+    ncpu = os.cpu_count()
+    lines = [
+        CLUSTER_HEAD,
+        "",
+        "Written by `tests/bench/run.py` part `cluster` (%s, %.0f s for this part, %s); %d "
+        "rounds, each running every setup once, left to right; a value is the "
+        "median over the rounds, each round's value in parentheses. Machine: %s. Load average "
+        "at the start of the part %.2f / %.2f / %.2f; during it, processes other than the "
+        "benchmark's used %.0f CPU-seconds (%.1f%% of the machine: noise in these figures). "
+        "Redis logged a slow AOF fsync (disk busy) %d times."
+        % ((time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), wall,
+            "the same invocation as the table above" if same_as_main
+            else "a separate invocation, `--parts cluster`", a.cluster_runs, machine()) + load
+           + (others, 100 * others / (wall * ncpu), len(REDIS_SLOW_FSYNC) - slow0)),
+        "",
+        "| figure | " + " | ".join(s[0] for s in setups) + " |",
+        "|---|" + "---|" * len(setups),
+    ]
+
+    def pc(k):
+        return lambda runs, s: "%.0f%%" % med(runs, k)
+
+    def ratio(runs, s):
+        return show([x["rate"] / y["rate"] for x, y in zip(runs, res[one])], fmt="%.2f")
+
+    def redis_cpu(runs, s):
+        v = "%.0f%% / %.0f%%" % (med(runs, "redis_sum"), med(runs, "redis_max"))
+        return v + (" (replicas %.0f%%)" % med(runs, "replica_sum") if s[2] else "")
+
+    figures = [
+        ("stored+acked msg/s", lambda runs, s: show(runs, "rate")),
+        ("vs 1 master, round by round", ratio if one else None),
+        ("store->ack p50 / p99 (ms)",
+         lambda runs, s: "%.1f / %.1f" % (med(runs, "p50"), med(runs, "p99"))),
+        ("error answers instead of `<stored/>`", lambda runs, s: show(runs, "errors")),
+        ("CPU: receiptd", lambda runs, s: show(runs, "rd_cpu", fmt="%.0f%%")),
+        ("receiptd's event loop: on a core / waiting for one", lambda runs, s: "%.0f%% / %.0f%%"
+         % (med(runs, "rd_loop") - med(runs, "rd_wait"), med(runs, "rd_wait"))),
+        ("receiptd's event loop: CPU per message (µs) / msg/s it could do on a core of its own",
+         lambda runs, s: "%.0f / %.0f" % (med(runs, "rd_us"), 1e6 / med(runs, "rd_us"))),
+        ("CPU: loadgen", pc("gen_cpu")),
+        ("CPU: redis-servers, sum / busiest master", redis_cpu),
+        ("waiting for a core: loadgen and redis-servers (sum)", pc("others_wait")),
+        ("CPU: interrupts (loopback TCP) / other processes", lambda runs, s: "%.0f%% / %.0f%%"
+         % (med(runs, "irq"), med(runs, "others"))),
+        ("machine busy (of %d%%)" % (100 * ncpu), lambda runs, s: show(runs, "machine",
+                                                                       fmt="%.0f%%")),
+        ("Redis commands per message: EVALSHA / inside scripts / WAIT",
+         lambda runs, s: "%.2f / %.1f / %.2f" % (med(runs, "evals_per_msg"),
+                                                 med(runs, "inner_per_msg"),
+                                                 med(runs, "wait_per_msg"))),
+        ("busiest master's share of the commands",
+         lambda runs, s: "%.0f%%" % (100 * med(runs, "top_share")) if s[1] > 1 else ""),
+        ("AOF rewrites (all nodes)", lambda runs, s: show(runs, "forks")),
+        ("receiptd log lines (warn level)",
+         lambda runs, s: "%d" % sum(len(x["warnings"]) for x in runs)),
+    ]
+    for name, fn in figures:
+        if fn:
+            lines.append("| %s | %s |" % (name, " | ".join(fn(res[s[0]], s) for s in setups)))
+    lines += [""] + cluster_verdict(setups, res, one) + [""] + [
+        "- **How**: each run starts a fresh Redis (or cluster) and receiptd; `loadgen` plays the "
+        "XMPP server exactly as in the store part (%d receipt-requested messages of ~250-byte "
+        "bodies from 100 senders to 1000 offline recipients, at most 2000 unacknowledged, at "
+        "saturation); the rate counts `<stored/>` acks. receiptd is configured with `[redis] "
+        "cluster = ` the masters (its seeds), plus `wait_replicas` where the row says so; "
+        "nothing else changes. Every node has AOF on, `appendfsync %s`, as every other Redis of "
+        "the benchmark; the cluster is built by `run.py` itself (`BenchCluster`: equal slot "
+        "ranges with CLUSTER ADDSLOTSRANGE, MEET, REPLICATE), no replicas unless the row says "
+        "so." % (a.cluster_n, a.fsync),
+        "- **CPU**: 100%% is one core and this machine has %d, so 'machine busy' (user, system, "
+        "interrupt and stolen time of all cores) tops out at %d%%; receiptd is one event loop, "
+        "so it tops out at 100%%. Every CPU figure is over the same time, from receiptd's start "
+        "to loadgen's exit; per process from /proc (Redis with its AOF rewrite children), "
+        "loadgen's from its own report. Interrupts are mostly the loopback TCP between the "
+        "processes (softirq, charged to no process); 'other processes' is what the machine ran "
+        "besides receiptd, loadgen and the redis-servers (this script, and anything else "
+        "running on the machine). 'Waiting for a core' is the time a process was ready to run "
+        "but every core was taken (its run-queue delay, /proc/PID/schedstat): receiptd's own, "
+        "and the sum over loadgen and the redis-servers (their main threads). 'Running or ready "
+        "to run' is receiptd's main thread (the event loop every stanza and every Redis reply "
+        "goes through) on a core or waiting for one: near 100%% it never sleeps waiting for "
+        "Redis or loadgen, it is the serial bottleneck, and would use a whole core if it had "
+        "one; its CPU column also counts its libuv pool threads (the SQLite archive, looked up "
+        "once for each recipient's first message)." % (ncpu, 100 * ncpu),
+        "- **Commands per message**: summed over the masters from `INFO commandstats` "
+        "(commands run inside scripts count; `CLUSTER`, `SCRIPT`, `INFO`, `PING` and the like "
+        "do not; a replica's replayed commands do not), divided by the messages stored; the "
+        "part above 1 or 2 EVALSHA per message is receiptd's periodic sweeps over the run. In a "
+        "cluster each put is two scripts: the index shard's (its own slot, often on another "
+        "master) then the user's; on a single Redis the put script updates the index itself. "
+        "The busiest master's share is of all the commands the masters ran (1/N if the load "
+        "were even): the 1000 recipients and 16 index shards do not hash evenly over N equal "
+        "slot ranges.",
+        "- **The XMPP server**: here `loadgen` plays it and costs little; behind a real server "
+        "its own routing of the component's stanzas is a further ceiling (the side by side "
+        "part measures receiptd through Prosody).",
+    ]
+    warns = [(label, w) for label, _m, _r, _w in setups for x in res[label]
+             for w in x["warnings"]]
+    if warns:
+        lines += ["", "receiptd's log (level warn) during the measured runs, first lines:", "",
+                  "```"]
+        lines += ["[%s] %s" % (label, w[:300]) for label, w in warns[:20]]
+        lines += ["```"]
+    return "\n".join(lines) + "\n"
+
+
+def cluster_verdict(setups, res, one):
+    """Where the ceiling is, read off the medians: what is at (or near) its limit at the largest
+    cluster without replicas, and how the rate scaled."""
+    plain = [s for s in setups if s[1] > 0 and s[2] == 0]
+    if not plain:
+        return []
+    ncpu = os.cpu_count()
+    top = max(plain, key=lambda s: s[1])
+    runs = res[top[0]]
+    f = {k: med(runs, k) for k in ("rate", "rd_cpu", "rd_wait", "rd_loop", "machine",
+                                   "redis_max", "redis_sum", "gen_cpu", "irq", "others")}
+    out = ["**Where the ceiling is** (medians of the '%s' column): %.0f msg/s with receiptd at "
+           "%.0f%% of one core and its event loop another %.0f%% of the time waiting for one, "
+           "the busiest "
+           "master at %.0f%%, all redis-servers together %.0f%%, loadgen %.0f%%, interrupts "
+           "%.0f%%, other processes %.0f%%: the machine %.0f%% busy of %d%%." % (
+               (top[0],) + tuple(f[k] for k in (
+                   "rate", "rd_cpu", "rd_wait", "redis_max", "redis_sum", "gen_cpu", "irq",
+                   "others", "machine")) + (100 * ncpu,))]
+    limits = []
+    if f["machine"] >= 85 * ncpu:
+        limits.append("the machine: its %d cores %.0f%% busy, so another master adds a process "
+                      "but no core" % (ncpu, f["machine"] / ncpu))
+    if f["rd_loop"] >= 85:
+        limits.append("receiptd: its one event loop, which every message goes through, was "
+                      "running or ready to run %.0f%% of the time, i.e. it almost never waited "
+                      "for Redis or loadgen; it needs a core of its own, which a machine of %d "
+                      "cores shared with %s does not give it" % (
+                          f["rd_loop"], ncpu, "loadgen and %d redis-servers" % top[1]))
+    if f["redis_max"] >= 85:
+        limits.append("the busiest master: near a full core")
+    if limits:
+        out.append("At or near its limit (85% or more): " + "; ".join(limits) + ".")
+    else:
+        out.append("Nothing is at 85% of its limit by these figures: with more busy processes "
+                   "than cores, the rate is then bounded by how the scheduler shares the cores "
+                   "between them, not by one of them.")
+    out.append("receiptd's event loop spends %s per message: with a core of its own it would "
+               "top out near %s msg/s (messages over its loop's CPU-seconds), and that, not the "
+               "number of masters, bounds what one receiptd stores through a cluster." % (
+                   ", ".join("%.0f µs (%s)" % (med(res[s[0]], "rd_us"), s[0]) for s in setups),
+                   " / ".join("%.0f" % (1e6 / med(res[s[0]], "rd_us")) for s in setups)))
+    if one and len(plain) > 1:
+        r1 = med(res[one], "rate")
+        more = [s for s in plain if s[1] > 1]
+        out.append("Scaling from 1 master (%.0f msg/s): %s." % (r1, ", ".join(
+            "%d masters %.0f msg/s, %.0f%% of linear" % (
+                s[1], med(res[s[0]], "rate"), 100 * med(res[s[0]], "rate") / (r1 * s[1]))
+            for s in more)))
+    return out
+
+
 # ---- report ----------------------------------------------------------------------------------
 
 def med(runs, key=None):
@@ -491,6 +956,24 @@ def status_like(path, key):
         return int(re.search(key + r":\s+(\d+)", f.read()).group(1))
 
 
+def merge_results(path, main_text, cluster_text):
+    """The results file: the main table (store, retrieval, sbs, ceiling) then the cluster section.
+    A part this invocation did not run keeps its text from the existing file (each section says
+    when it was measured), so `--parts cluster` rewrites only the cluster section."""
+    try:
+        with open(path) as f:
+            old = f.read()
+    except OSError:
+        old = ""
+    i = old.find("\n" + CLUSTER_HEAD + "\n")
+    old_main, old_cluster = (old, "") if i < 0 else (old[:i + 1], old[i + 1:])
+    text = main_text if main_text is not None else (old_main or "# receiptd benchmark results\n")
+    cluster = cluster_text if cluster_text is not None else old_cluster
+    if cluster:
+        text = text.rstrip("\n") + "\n\n" + cluster
+    return text
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -503,7 +986,13 @@ def main():
     ap.add_argument("--online-queue", type=int, default=200000,
                     help="Q of the senders-online retrieval variant")
     ap.add_argument("--sbs-n", type=int, default=10000, help="N of the side by side")
-    ap.add_argument("--parts", default="store,retrieval,sbs,ceiling")
+    ap.add_argument("--parts", default="store,retrieval,sbs,ceiling,cluster")
+    ap.add_argument("--cluster-n", type=int, default=100000,
+                    help="messages per run of the cluster part")
+    ap.add_argument("--cluster-runs", type=int, help="rounds of the cluster part (default --runs)")
+    ap.add_argument("--cluster-masters", default="1,2,3", help="cluster sizes without replicas")
+    ap.add_argument("--no-cluster-wait", action="store_true",
+                    help="no 3 masters + 3 replicas row with wait_replicas = 1")
     ap.add_argument("--no-perf", action="store_true", help="no profile when a target is missed")
     ap.add_argument("--quick", action="store_true",
                     help="small sizes, one run each (a smoke test; not for RESULTS.md)")
@@ -511,10 +1000,15 @@ def main():
     a = ap.parse_args()
     if a.quick:
         a.n, a.runs, a.queue, a.online_queue, a.sbs_n = 20000, 1, 50000, 20000, 2000
+        a.cluster_n, a.cluster_runs = 20000, 1
         if a.out == os.path.join(HERE, "RESULTS.md"):
             a.out = os.path.join(tempfile.gettempdir(), "receiptd-bench-quick.md")
     qruns = a.queue_runs or a.runs
+    a.cluster_runs = a.cluster_runs or a.runs
     parts = set(a.parts.split(","))
+    unknown = parts - MAIN_PARTS - {"cluster"}
+    if unknown:
+        ap.error("unknown part(s): %s" % ", ".join(sorted(unknown)))
     t_start, cpu_start, load = time.monotonic(), machine_cpu(), os.getloadavg()
     rows, notes = [], []
 
@@ -641,6 +1135,14 @@ def main():
         if s_rate:
             row("store: receiptd / ceiling", "%.2f" % (s_rate / c_rate if c_rate else 0))
 
+    cluster_text = None
+    if "cluster" in parts:
+        setups = cluster_setups([int(x) for x in a.cluster_masters.split(",")],
+                                not a.no_cluster_wait)
+        say("cluster: %d rounds of %d setups, %d messages each" % (
+            a.cluster_runs, len(setups), a.cluster_n))
+        cluster_text = cluster_part(a, say, same_as_main=bool(parts & MAIN_PARTS))
+
     prof = None
     if "retrieval" in parts and r_rate < T_RETRIEVE and not a.no_perf and shutil.which("perf"):
         pq = min(a.queue, 200000)
@@ -659,9 +1161,9 @@ def main():
     lines = [
         "# receiptd benchmark results",
         "",
-        "Written by `tests/bench/run.py` (`scripts/bench`); every figure below comes from one",
-        "invocation (%s, %.0f s); a value is the median of the runs, with each run's value in" % (
-            time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), wall),
+        "Written by `tests/bench/run.py` (`scripts/bench`); every figure of this table comes from",
+        "one invocation (%s, %.0f s); a value is the median of the runs, with each run's value in"
+        % (time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), wall),
         "parentheses. Machine: %s." % machine(),
         "Load average at the start %.2f / %.2f / %.2f. During the run, processes other than this"
         % load,
@@ -744,7 +1246,8 @@ def main():
                   "`perf report --no-children`: share per process, then the hottest symbols."
                   % prof[:2], "",
                   "```"] + prof[2] + [""] + prof[3] + ["```"]
-    text = "\n".join(lines) + "\n"
+    text = merge_results(a.out, "\n".join(lines) + "\n" if parts & MAIN_PARTS else None,
+                         cluster_text)
     print(text)
     with open(a.out, "w") as f:
         f.write(text)
