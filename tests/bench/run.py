@@ -238,15 +238,18 @@ class Redis(RedisCli):
 
 
 def write_ini(path, port, redis_port, redis_extra=None):
-    """redis_port None: no [redis] port (redis_extra then names a cluster)."""
+    """redis_port None: no [redis] port (redis_extra then names a cluster). The SQLite archive
+    goes next to the config, in the run's own temp dir (the default path is relative to the
+    current directory, which every run would share)."""
     redis = "" if redis_port is None else "port = %d\n" % redis_port
     redis += "".join("%s = %s\n" % kv_ for kv_ in (redis_extra or {}).items())
     with open(path, "w") as f:
         f.write("[component]\njid = receipts.localhost\nsecret = bench\nserver_host = 127.0.0.1\n"
                 "server_port = %d\nuser_domains = localhost\nlog_level = warn\n[redis]\n%s"
                 "max_inflight = 100000\n[delivery]\nmax_offline_messages = 100000000\n"
-                "max_offline_bytes = 100000000000\nfetch_max_bytes = %d\n"
-                % (port, redis, FETCH_MAX_BYTES))
+                "max_offline_bytes = 100000000000\nfetch_max_bytes = %d\n[sqlite]\npath = %s\n"
+                % (port, redis, FETCH_MAX_BYTES,
+                   os.path.join(os.path.dirname(os.path.abspath(path)), "archive.sqlite3")))
 
 
 # ---- 1. store --------------------------------------------------------------------------------
