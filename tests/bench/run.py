@@ -821,6 +821,8 @@ def cluster_part(a, say, same_as_main):
         ("busiest master's share of the commands",
          lambda runs, s: "%.0f%%" % (100 * med(runs, "top_share")) if s[1] > 1 else ""),
         ("AOF rewrites (all nodes)", lambda runs, s: show(runs, "forks")),
+        ("at 85% of its limit or more",
+         lambda runs, s: ", ".join(cluster_limits(runs, s)) or "nothing"),
         ("receiptd log lines (warn level)",
          lambda runs, s: "%d" % sum(len(x["warnings"]) for x in runs)),
     ]
@@ -832,11 +834,11 @@ def cluster_part(a, say, same_as_main):
         "XMPP server exactly as in the store part (%d receipt-requested messages of ~250-byte "
         "bodies from 100 senders to 1000 offline recipients, at most 2000 unacknowledged, at "
         "saturation); the rate counts `<stored/>` acks. receiptd is configured with `[redis] "
-        "cluster = ` the masters (its seeds), plus `wait_replicas` where the row says so; "
+        "cluster = ` the masters (its seeds), plus `wait_replicas` where the column says so; "
         "nothing else changes. Every node has AOF on, `appendfsync %s`, as every other Redis of "
         "the benchmark; the cluster is built by `run.py` itself (`BenchCluster`: equal slot "
-        "ranges with CLUSTER ADDSLOTSRANGE, MEET, REPLICATE), no replicas unless the row says "
-        "so." % (a.cluster_n, a.fsync),
+        "ranges with CLUSTER ADDSLOTSRANGE, MEET, REPLICATE), no replicas unless the column "
+        "says so." % (a.cluster_n, a.fsync),
         "- **CPU**: 100%% is one core and this machine has %d, so 'machine busy' (user, system, "
         "interrupt and stolen time of all cores) tops out at %d%%; receiptd is one event loop, "
         "so it tops out at 100%%. Every CPU figure is over the same time, from receiptd's start "
@@ -846,12 +848,12 @@ def cluster_part(a, say, same_as_main):
         "besides receiptd, loadgen and the redis-servers (this script, and anything else "
         "running on the machine). 'Waiting for a core' is the time a process was ready to run "
         "but every core was taken (its run-queue delay, /proc/PID/schedstat): receiptd's own, "
-        "and the sum over loadgen and the redis-servers (their main threads). 'Running or ready "
-        "to run' is receiptd's main thread (the event loop every stanza and every Redis reply "
-        "goes through) on a core or waiting for one: near 100%% it never sleeps waiting for "
-        "Redis or loadgen, it is the serial bottleneck, and would use a whole core if it had "
-        "one; its CPU column also counts its libuv pool threads (the SQLite archive, looked up "
-        "once for each recipient's first message)." % (ncpu, 100 * ncpu),
+        "and the sum over loadgen and the redis-servers (their main threads). receiptd's event "
+        "loop is its main thread (every stanza and every Redis reply goes through it): on a "
+        "core plus waiting for one near 100%% means it never sleeps waiting for Redis or "
+        "loadgen, so it is the serial bottleneck and would use a whole core if it had one; "
+        "'CPU: receiptd' also counts its libuv pool threads (the SQLite archive, asked once for "
+        "each recipient's first message, which Redis answers 'cold')." % (ncpu, 100 * ncpu),
         "- **Commands per message**: summed over the masters from `INFO commandstats` "
         "(commands run inside scripts count; `CLUSTER`, `SCRIPT`, `INFO`, `PING` and the like "
         "do not; a replica's replayed commands do not), divided by the messages stored; the "
@@ -875,9 +877,24 @@ def cluster_part(a, say, same_as_main):
     return "\n".join(lines) + "\n"
 
 
+def cluster_limits(runs, s):
+    """What was at 85% of its limit or more in one setup (medians): the machine (all its cores),
+    receiptd's event loop (on a core or waiting for one), the busiest Redis master."""
+    ncpu = os.cpu_count()
+    out = []
+    if med(runs, "machine") >= 85 * ncpu:
+        out.append("the machine (%.0f%% of %d%%)" % (med(runs, "machine"), 100 * ncpu))
+    if med(runs, "rd_loop") >= 85:
+        out.append("receiptd's event loop (%.0f%% on a core or waiting for one)"
+                   % med(runs, "rd_loop"))
+    if med(runs, "redis_max") >= 85:
+        out.append("the busiest Redis (%.0f%%)" % med(runs, "redis_max"))
+    return out
+
+
 def cluster_verdict(setups, res, one):
-    """Where the ceiling is, read off the medians: what is at (or near) its limit at the largest
-    cluster without replicas, and how the rate scaled."""
+    """Where the ceiling is, read off the medians: how the rate scaled, and what is at (or near)
+    its limit at the largest cluster without replicas."""
     plain = [s for s in setups if s[1] > 0 and s[2] == 0]
     if not plain:
         return []
@@ -886,44 +903,41 @@ def cluster_verdict(setups, res, one):
     runs = res[top[0]]
     f = {k: med(runs, k) for k in ("rate", "rd_cpu", "rd_wait", "rd_loop", "machine",
                                    "redis_max", "redis_sum", "gen_cpu", "irq", "others")}
-    out = ["**Where the ceiling is** (medians of the '%s' column): %.0f msg/s with receiptd at "
-           "%.0f%% of one core and its event loop another %.0f%% of the time waiting for one, "
-           "the busiest "
-           "master at %.0f%%, all redis-servers together %.0f%%, loadgen %.0f%%, interrupts "
-           "%.0f%%, other processes %.0f%%: the machine %.0f%% busy of %d%%." % (
-               (top[0],) + tuple(f[k] for k in (
-                   "rate", "rd_cpu", "rd_wait", "redis_max", "redis_sum", "gen_cpu", "irq",
-                   "others", "machine")) + (100 * ncpu,))]
-    limits = []
-    if f["machine"] >= 85 * ncpu:
-        limits.append("the machine: its %d cores %.0f%% busy, so another master adds a process "
-                      "but no core" % (ncpu, f["machine"] / ncpu))
-    if f["rd_loop"] >= 85:
-        limits.append("receiptd: its one event loop, which every message goes through, was "
-                      "running or ready to run %.0f%% of the time, i.e. it almost never waited "
-                      "for Redis or loadgen; it needs a core of its own, which a machine of %d "
-                      "cores shared with %s does not give it" % (
-                          f["rd_loop"], ncpu, "loadgen and %d redis-servers" % top[1]))
-    if f["redis_max"] >= 85:
-        limits.append("the busiest master: near a full core")
+    out = []
+    if one and len(plain) > 1:
+        r1 = med(res[one], "rate")
+        out.append("**Scaling** from 1 master (%.0f msg/s): %s." % (r1, ", ".join(
+            "%d masters %.0f msg/s, %.0f%% of linear" % (
+                s[1], med(res[s[0]], "rate"), 100 * med(res[s[0]], "rate") / (r1 * s[1]))
+            for s in plain if s[1] > 1)))
+    out.append("**Where the ceiling is** (medians of the '%s' column): %.0f msg/s with "
+               "receiptd's event loop %.0f%% of the time on a core and %.0f%% waiting for one "
+               "(receiptd %.0f%% CPU in all), the busiest master at %.0f%%, all redis-servers "
+               "together %.0f%%, loadgen %.0f%%, interrupts %.0f%%, other processes %.0f%%: the "
+               "machine %.0f%% busy of %d%%." % (
+                   top[0], f["rate"], f["rd_loop"] - f["rd_wait"], f["rd_wait"], f["rd_cpu"],
+                   f["redis_max"], f["redis_sum"], f["gen_cpu"], f["irq"], f["others"],
+                   f["machine"], 100 * ncpu))
+    limits = cluster_limits(runs, top)
     if limits:
-        out.append("At or near its limit (85% or more): " + "; ".join(limits) + ".")
+        out.append("At 85% of its limit or more: " + ", ".join(limits) + ".")
     else:
         out.append("Nothing is at 85% of its limit by these figures: with more busy processes "
                    "than cores, the rate is then bounded by how the scheduler shares the cores "
                    "between them, not by one of them.")
-    out.append("receiptd's event loop spends %s per message: with a core of its own it would "
-               "top out near %s msg/s (messages over its loop's CPU-seconds), and that, not the "
-               "number of masters, bounds what one receiptd stores through a cluster." % (
+    if f["rd_loop"] >= 85:
+        out.append("receiptd is one event loop that every stanza and every Redis reply goes "
+                   "through; at %.0f%% it almost never sleeps waiting for Redis or loadgen, so "
+                   "it is the serial bottleneck, and on %d cores shared with loadgen and %d "
+                   "redis-servers it gets %.0f%% of a core. More masters add processes, not "
+                   "cores: they cannot raise the rate here." % (
+                       f["rd_loop"], ncpu, top[1], f["rd_loop"] - f["rd_wait"]))
+    out.append("receiptd's event loop spends %s per message, so with a core of its own it "
+               "would top out near %s msg/s respectively (messages over its loop's "
+               "CPU-seconds, an estimate): past that, one receiptd cannot go faster whatever "
+               "the number of masters." % (
                    ", ".join("%.0f µs (%s)" % (med(res[s[0]], "rd_us"), s[0]) for s in setups),
                    " / ".join("%.0f" % (1e6 / med(res[s[0]], "rd_us")) for s in setups)))
-    if one and len(plain) > 1:
-        r1 = med(res[one], "rate")
-        more = [s for s in plain if s[1] > 1]
-        out.append("Scaling from 1 master (%.0f msg/s): %s." % (r1, ", ".join(
-            "%d masters %.0f msg/s, %.0f%% of linear" % (
-                s[1], med(res[s[0]], "rate"), 100 * med(res[s[0]], "rate") / (r1 * s[1]))
-            for s in more)))
     return out
 
 
