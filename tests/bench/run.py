@@ -865,8 +865,11 @@ def cluster_part(a, say, same_as_main):
         "each recipient's first message, which Redis answers 'cold')." % (ncpu, 100 * ncpu),
         "- **Commands per message**: summed over the masters from `INFO commandstats` "
         "(commands run inside scripts count; `CLUSTER`, `SCRIPT`, `INFO`, `PING` and the like "
-        "do not; a replica's replayed commands do not), divided by the messages stored; the "
-        "part above 1 or 2 EVALSHA per message is receiptd's periodic sweeps over the run. In a "
+        "do not; a replica's replayed commands do not), divided by the messages stored. Above 1 "
+        "(single Redis) or 2 (cluster) EVALSHA per message are the puts Redis answered 'cold' "
+        "(a recipient's first messages, put again once its state exists), the state creation "
+        "and receiptd's periodic sweeps. With `wait_replicas` one WAIT covers every put "
+        "answered before it on that master's put connection (group commit). In a "
         "cluster each put is two scripts: the index shard's (its own slot, often on another "
         "master) then the user's; on a single Redis the put script updates the index itself. "
         "The busiest master's share is of all the commands the masters ran (1/N if the load "
