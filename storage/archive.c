@@ -85,6 +85,8 @@ static const char *const stmt_sql[ST_COUNT_ALL] = {
 
 typedef struct job job_t;
 
+#define CHAIN_MAX 32
+
 struct archive {
     uv_loop_t *loop;
     sqlite3 *db;
@@ -518,9 +520,8 @@ static int run_put_evicted(job_t *j)
     return (j->cursor = dup_s(sid)) ? 0 : -1;
 }
 
-static void on_work(uv_work_t *w)
+static void run_job(job_t *j)
 {
-    job_t *j = w->data;
     archive_t *a = j->a;
     bool write = j->kind != J_SUMMARY && j->kind != J_FETCH && j->kind != J_TOTALS;
     int rc;
@@ -565,6 +566,15 @@ static void on_work(uv_work_t *w)
     if (write)
         rc = rc == 0 ? exec(a, "COMMIT") : (exec(a, "ROLLBACK"), -1);
     j->err = rc == 0 ? 0 : ARCHIVE_EDB;
+}
+
+/* A chain of jobs runs in one trip to the thread pool, in order: a burst of small jobs (the
+ * lookups of many new users at once) would otherwise pay a thread hand-off each, one after the
+ * other, and the last would wait for all of them. */
+static void on_work(uv_work_t *w)
+{
+    for (job_t *j = w->data; j; j = j->next)
+        run_job(j);
 }
 
 /* ---- completion (loop) ------------------------------------------------------------------------
@@ -708,11 +718,15 @@ static void on_after(uv_work_t *w, int status)
 {
     job_t *j = w->data;
     archive_t *a = j->a;
-    if (status == UV_ECANCELED)
-        j->err = ARCHIVE_ECLOSED;
     a->busy = false;
-    deliver(j);
-    job_free(j);
+    while (j) {
+        job_t *next = j->next;
+        if (status == UV_ECANCELED)
+            j->err = ARCHIVE_ECLOSED;
+        deliver(j);
+        job_free(j);
+        j = next;
+    }
     start_next(a);
 }
 
@@ -726,16 +740,25 @@ static void start_next(archive_t *a)
             finish(a);
         return;
     }
-    a->head = j->next;
+    /* Up to CHAIN_MAX jobs leave the queue together; the chain ends with next = NULL. */
+    job_t *last = j;
+    for (int n = 1; n < CHAIN_MAX && last->next; n++)
+        last = last->next;
+    a->head = last->next;
     if (!a->head)
         a->tail = NULL;
+    last->next = NULL;
     a->busy = true;
     j->work.data = j;
     if (uv_queue_work(a->loop, &j->work, on_work, on_after) != 0) {
         a->busy = false;
-        j->err = ARCHIVE_EDB;
-        deliver(j);
-        job_free(j);
+        while (j) {
+            job_t *next = j->next;
+            j->err = ARCHIVE_EDB;
+            deliver(j);
+            job_free(j);
+            j = next;
+        }
         start_next(a);
     }
 }
