@@ -428,15 +428,19 @@ static const char evict_drop_lua[] = LUA_PROLOGUE LUA_HELPERS
 /* ---- the sharded indexes: KEYS are the four index keys of one shard (one slot): due, online,
  * arch, act (storage/SCHEMA.md). ---- */
 
-/* ARGV: user, due (0: not live), now. A message was stored for user: index it for retransmission
+/* ARGV: (user, due (0: not live), now) one or more times, the users of one shard whose messages
+ * were stored in one turn of the loop. A message was stored for user: index it for retransmission
  * (keeping an earlier due), archiving and eviction (keeping the earlier stamps). Sent before the
  * message's own script, so a crash in between leaves at worst an index entry with nothing behind
  * it, which the next pass drops. */
-static const char index_put_lua[] = LUA_PROLOGUE
-    "if tonumber(ARGV[2]) > 0 then redis.call('ZADD', KEYS[1], 'LT', ARGV[2], ARGV[1]) end\n"
-    "redis.call('ZADD', KEYS[3], 'NX', ARGV[3], ARGV[1])\n"
-    "redis.call('ZADD', KEYS[4], 'NX', ARGV[3], ARGV[1])\n"
-    "return 1\n";
+static const char index_put_lua[] =
+    LUA_PROLOGUE "for i = 1, #ARGV - 2, 3 do\n"
+                 "  local u, due, now = ARGV[i], ARGV[i + 1], ARGV[i + 2]\n"
+                 "  if tonumber(due) > 0 then redis.call('ZADD', KEYS[1], 'LT', due, u) end\n"
+                 "  redis.call('ZADD', KEYS[3], 'NX', now, u)\n"
+                 "  redis.call('ZADD', KEYS[4], 'NX', now, u)\n"
+                 "end\n"
+                 "return 1\n";
 
 /* ARGV: which (1 due, 3 arch, 4 act), limit, lease, max. Claims up to max users whose score is
  * at most limit by setting their score to lease, so that another instance sharing the indexes

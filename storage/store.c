@@ -22,7 +22,12 @@
 
 static void maybe_free(store_t *st)
 {
-    if (st->closing && st->tick_closed && st->conns == 0) {
+    if (st->closing && st->handles_closed == 2 && st->conns == 0) {
+        for (unsigned i = 0; i < STORE_SHARDS; i++) {
+            for (size_t k = 0; k < st->ixb[i].n; k++)
+                free(st->ixb[i].args[k]);
+            free(st->ixb[i].args);
+        }
         free(st->host);
         free(st->socket);
         free(st->password);
@@ -126,24 +131,28 @@ int store_create(uv_loop_t *loop, const store_config_t *cfg, store_state_cb on_s
     }
     uv_timer_init(loop, &st->tick);
     st->tick.data = st;
+    uv_check_init(loop, &st->ixcheck);
+    st->ixcheck.data = st;
     uv_timer_start(&st->tick, on_tick, TICK_MS, TICK_MS);
     *out = st;
     return 0;
 }
 
-static void on_tick_closed(uv_handle_t *h)
+static void on_handle_closed(uv_handle_t *h)
 {
     store_t *st = h->data;
-    st->tick_closed = true;
+    st->handles_closed++;
     maybe_free(st);
 }
 
 void store_close(store_t *st)
 {
+    store__index_flush(st); /* while the connections still take commands */
     st->closing = true;
     st->connected = false;
     uv_timer_stop(&st->tick);
-    uv_close((uv_handle_t *)&st->tick, on_tick_closed);
+    uv_close((uv_handle_t *)&st->tick, on_handle_closed);
+    uv_close((uv_handle_t *)&st->ixcheck, on_handle_closed);
     if (st->cluster)
         cluster__close(st);
     else

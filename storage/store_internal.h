@@ -13,6 +13,12 @@
 
 struct cluster;
 
+/* The index_put calls of one shard gathered during one turn of the loop (storage/sweep.c). */
+typedef struct index_batch {
+    char **args; /* user, due, now, user, ... (owned) */
+    size_t n, cap;
+} index_batch_t;
+
 struct store {
     uv_loop_t *loop;
     char *host;
@@ -24,9 +30,9 @@ struct store {
     unsigned max_inflight;
     bool connected; /* a single Redis: its connection is ready; a cluster: every master's is */
     bool closing;
-    bool tick_closed;
-    unsigned conns;    /* rconns not yet freed: the store outlives them */
-    unsigned inflight; /* requests accepted and not yet answered (sent, parked or waiting) */
+    int handles_closed; /* of tick and ixcheck */
+    unsigned conns;     /* rconns not yet freed: the store outlives them */
+    unsigned inflight;  /* requests accepted and not yet answered (sent, parked or waiting) */
     char sha[STORE_SCRIPT_COUNT][41];
     store_state_cb on_state;
     void *ud;
@@ -34,6 +40,9 @@ struct store {
     bool cluster;   /* Redis Cluster (storage/cluster.c): no script may touch two slots */
     struct rconn *single;
     struct cluster *cl;
+    index_batch_t ixb[STORE_SHARDS];
+    uv_check_t ixcheck; /* flushes ixb at the end of the loop turn */
+    bool ix_scheduled;
     unsigned wait_replicas; /* WAIT for this many replicas after a put, before answering it */
     unsigned wait_timeout_ms;
 };
@@ -145,7 +154,11 @@ bool cluster__has_map(const store_t *st);
 
 /* storage/sweep.c: index writes (fire and forget), and the replies and failures of REQ_SWEEP
  * requests. which: 1 due, 3 arch, 4 act (the index scripts' KEYS order). */
+/* In a cluster the index writes of the puts are gathered per shard and sent at the end of the
+ * loop turn, one script call per shard (store__index_flush); a single Redis has them inside the
+ * put script. */
 void store_index_put(store_t *st, const char *user, int64_t due, int64_t now);
+void store__index_flush(store_t *st);
 void store_index_set(store_t *st, const char *user, int which, int64_t score, int64_t lease);
 void store_index_user(store_t *st, const char *user, const char *op, int64_t now);
 int sweep_on_reply(req_t *rq, const redisReply *r);

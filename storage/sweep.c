@@ -116,14 +116,68 @@ void store_index_user(store_t *st, const char *user, const char *op, int64_t now
     index_call(st, store_user_shard(user), STORE_SCRIPT_INDEX_USER, args, 3, false);
 }
 
+#define BATCH_MAX 200 /* users per index_put call */
+
+static void index_flush_shard(store_t *st, unsigned shard)
+{
+    index_batch_t *b = &st->ixb[shard];
+    if (!b->n)
+        return;
+    /* On the puts' own connection, the put lane when there is one. */
+    index_call(st, shard, STORE_SCRIPT_INDEX_PUT, (const char *const *)b->args, b->n, true);
+    for (size_t i = 0; i < b->n; i++)
+        free(b->args[i]);
+    b->n = 0;
+}
+
+void store__index_flush(store_t *st)
+{
+    for (unsigned i = 0; i < STORE_SHARDS; i++)
+        index_flush_shard(st, i);
+    if (st->ix_scheduled) {
+        uv_check_stop(&st->ixcheck);
+        st->ix_scheduled = false;
+    }
+}
+
+static void on_ixcheck(uv_check_t *h)
+{
+    store__index_flush(h->data);
+}
+
 void store_index_put(store_t *st, const char *user, int64_t due, int64_t now)
 {
+    if (st->closing)
+        return;
+    unsigned shard = store_user_shard(user);
+    index_batch_t *b = &st->ixb[shard];
+    if (b->n + 3 > b->cap) {
+        size_t cap = b->cap ? 2 * b->cap : 48;
+        char **args = realloc(b->args, cap * sizeof *args);
+        if (!args)
+            return; /* the next put or presence of the user indexes it */
+        b->args = args;
+        b->cap = cap;
+    }
     char d[24], n[24];
     snprintf(d, sizeof d, "%lld", (long long)due);
     snprintf(n, sizeof n, "%lld", (long long)now);
-    const char *args[] = {user, d, n};
-    /* On the put's own connection, so that it runs before the put it announces. */
-    index_call(st, store_user_shard(user), STORE_SCRIPT_INDEX_PUT, args, 3, true);
+    char *u = strdup(user), *ds = strdup(d), *ns = strdup(n);
+    if (!u || !ds || !ns) {
+        free(u);
+        free(ds);
+        free(ns);
+        return;
+    }
+    b->args[b->n++] = u;
+    b->args[b->n++] = ds;
+    b->args[b->n++] = ns;
+    if (b->n >= 3 * BATCH_MAX)
+        index_flush_shard(st, shard);
+    else if (!st->ix_scheduled) {
+        uv_check_start(&st->ixcheck, on_ixcheck);
+        st->ix_scheduled = true;
+    }
 }
 
 /* ---- starting a sweep: claim from every shard ------------------------------------------------ */
