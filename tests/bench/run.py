@@ -17,8 +17,9 @@ the parts not run are kept from the file; each section says when it was measured
    (counting <stored/>), then bob retrieves them (a) from Prosody's login flood and (b) by
    summary / fetch / ack. Ratios (b)/(a) are taken pair by pair within a run. Once with Prosody
    as the e2e harness configures it, once with network_settings nagle = false.
-4. ceiling: redis-benchmark runs receiptd's own put script (EVALSHA, same arguments) pipelined on
-   a fresh Redis of the same configuration: receiptd's store rate as a fraction of that.
+4. ceiling: redis-benchmark runs receiptd's own put script (EVALSHA, the same keys and arguments
+   as receiptd's call on a single Redis, index shard and dedupe included) pipelined on a fresh
+   Redis of the same configuration: receiptd's store rate as a fraction of that.
 5. cluster (issue #8): the store run at saturation (same loadgen, --cluster-n messages) against
    the single Redis of part 1 and Redis Clusters of 1, 2 and 3 masters ([redis] cluster = ...),
    plus 3 masters + 3 replicas with [redis] wait_replicas = 1; stored+acked msg/s, the ratio to
@@ -493,11 +494,16 @@ def ceiling(n, fsync):
     # the recipients redis-benchmark will pick (-r 1000: r000000000000 .. r000000000999) first.
     redis.cli("eval", "for i = 0, 999 do redis.call('SET', 'rd:{r' .. string.format('%012d', i)"
               " .. '@localhost}:seq', 0) end return 1", "0")
-    # Every script takes receiptd's link epoch as its first argument (storage/scripts.c).
+    # The call receiptd makes on a single Redis: the user's prefix and one index shard's four
+    # keys, then the link epoch (every script's first argument, storage/scripts.c), and a
+    # receipt-requested message with an original id, so that dedupe is written as well.
+    # redis-benchmark draws each __rand_int__ on its own: two of them make the id unique enough
+    # that dedupe seldom answers "dup" (which would skip the store).
     args = ["redis-benchmark", "-p", str(redis.port), "-n", str(n), "-c", "50", "-P", "32", "-q",
-            "-r", "1000", "EVALSHA", sha, "1", "rd:{r__rand_int__@localhost}", "7",
-            "r__rand_int__@localhost", "alice@localhost", "", "0a0b0c0d", blob, "1",
-            "1764052406123", "5000", "30000", "86400", "100000000", "100000000000"]
+            "-r", "1000", "EVALSHA", sha, "5", "rd:{r__rand_int__@localhost}", "rd:{#0}:due",
+            "rd:{#0}:online", "rd:{#0}:arch", "rd:{#0}:act", "7",
+            "r__rand_int__@localhost", "alice@localhost", "m__rand_int____rand_int__", "0a0b0c0d",
+            blob, "1", "1764052406123", "5000", "30000", "86400", "100000000", "100000000000"]
     out = subprocess.run(args, capture_output=True, text=True).stdout
     redis.stop()
     m = re.search(r"([\d.]+) requests per second", out)
@@ -1282,7 +1288,10 @@ def main():
             "(the Prosody RSS row). receiptd deletes only what the client acked."]
     if "ceiling" in parts:
         lines += ["- **ceiling**: `redis-benchmark` runs receiptd's own put script (printed by "
-                  "`dump_script put`) with the same arguments, 50 clients, pipeline 32."]
+                  "`dump_script put`) with the keys and arguments receiptd gives it on a single "
+                  "Redis (the user's prefix and an index shard's four keys; a receipt-requested "
+                  "message with a fresh original id, so dedupe is written too; 1000 recipients), "
+                  "50 clients, pipeline 32."]
     lines += ["- **CPU**: 100% is one core. The generators report their own user+sys CPU over "
               "the measured wall time; a generator near 100% would be the bottleneck."]
     if notes:
