@@ -1188,6 +1188,22 @@ def main():
         row("ceiling: redis-benchmark EVALSHA put, pipelined (calls/s)", show(ceil))
         if s_rate:
             row("store: receiptd / ceiling", "%.2f" % (s_rate / c_rate if c_rate else 0))
+        # What the ceiling proves, in this run's own numbers.
+        if c_rate:
+            notes.append(
+                "The ceiling is Redis alone running the put script as fast as it can (pipelined, "
+                "no receiptd, no XMPP): %.0f msg/s. No receiptd can store more than that on this "
+                "machine with one durable script per message, so the %d msg/s store target is "
+                "out of reach here by a factor of %.1f; receiptd reaches %s of the ceiling."
+                % (c_rate, T_STORE, T_STORE / c_rate,
+                   "%.0f%%" % (100 * s_rate / c_rate) if s_rate else "?"))
+            if r_rate is not None:
+                notes.append(
+                    "Retrieval acks relay one receipt per message to its sender, and a relayed "
+                    "receipt is itself a stored message (the same put script, with the sender "
+                    "as recipient): the retrieval rate is bounded by the same ceiling, %.0f "
+                    "msg/s, below the %d msg/s retrieval target, before any fetch or ack work."
+                    % (c_rate, T_RETRIEVE))
 
     cluster_text = None
     if "cluster" in parts:
