@@ -1201,8 +1201,9 @@ def main():
                 notes.append(
                     "Retrieval acks relay one receipt per message to its sender, and a relayed "
                     "receipt is itself a stored message (the same put script, with the sender "
-                    "as recipient): the retrieval rate is bounded by the same ceiling, %.0f "
-                    "msg/s, below the %d msg/s retrieval target, before any fetch or ack work."
+                    "as recipient, without the dedupe writes): the retrieval rate is bounded by "
+                    "about the same ceiling, %.0f msg/s, well below the %d msg/s retrieval "
+                    "target, before any fetch or ack work."
                     % (c_rate, T_RETRIEVE))
 
     cluster_text = None
