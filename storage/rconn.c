@@ -2,6 +2,7 @@
 #include "rconn.h"
 
 #include <hiredis/hiredis.h>
+#include <hiredis/sds.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -270,5 +271,10 @@ void rconn_check(rconn_t *c, uint64_t now, unsigned timeout_ms)
         return;
     if (now - c->last_progress < timeout_ms)
         return;
-    rconn_reset(c, "Redis did not answer in time; reconnecting");
+    char why[160];
+    snprintf(why, sizeof why,
+             "Redis did not answer in %u ms (%u commands waiting, %zu bytes not yet sent); "
+             "reconnecting",
+             timeout_ms, c->inflight, c->ac->c.obuf ? sdslen(c->ac->c.obuf) : 0);
+    rconn_reset(c, why);
 }
