@@ -28,11 +28,12 @@ typedef struct daemon {
     uv_loop_t *loop;
     xmpp_ctx_t *ctx;
     config_t cfg;
-    link_t *link;   /* NULL once closed */
+    link_t *link;       /* NULL once closed */
     store_t *store;     /* NULL once closed */
     archive_t *archive; /* NULL once closed */
-    struct cold_user *cold; /* recipients waiting for their state (component/relay.c) */
-    uint64_t put_arrivals;  /* messages to store so far, numbering their arrival */
+    /* Recipients waiting for their state (component/relay.c), hashed: every message looks here. */
+    struct cold_user *cold[256];
+    uint64_t put_arrivals; /* messages to store so far, numbering their arrival */
     uv_timer_t archive_timer;
     bool archive_inflight;
     uv_timer_t due_timer;
@@ -52,11 +53,11 @@ typedef struct daemon {
 
 /* Who a routed stanza is from and, for relay addresses, whom it is for. Filled by the router. */
 typedef struct route {
-    const char *from;           /* full JID as stamped by the server */
+    const char *from; /* full JID as stamped by the server */
     proto_jid_t from_jid;
     char from_bare[PROTO_JID_MAX];
-    bool from_served;           /* from one of the configured user domains */
-    proto_jid_t to_jid;         /* the node is still escaped */
+    bool from_served;              /* from one of the configured user domains */
+    proto_jid_t to_jid;            /* the node is still escaped */
     char peer_bare[PROTO_JID_MAX]; /* unescaped relay target, "" when addressed to C itself */
 } route_t;
 
@@ -64,8 +65,8 @@ typedef struct route {
 int64_t daemon_now_ms(void);
 
 /* Sends a stanza error in reply to stanza (type: cancel, modify, wait, auth). */
-void daemon_reply_error(daemon_t *d, xmpp_stanza_t *stanza, const char *type,
-                        const char *condition, const char *text);
+void daemon_reply_error(daemon_t *d, xmpp_stanza_t *stanza, const char *type, const char *condition,
+                        const char *text);
 /* The wait error for a store request that failed with err: resource-constraint when over the
  * in-flight bound, internal-server-error when Redis is unreachable. Counted in the stats. */
 void daemon_reply_storage_error(daemon_t *d, xmpp_stanza_t *stanza, int err);

@@ -20,14 +20,16 @@ typedef struct put_ctx {
     xmpp_stanza_t *msg; /* our reference to the original */
     bool track;
     bool is_receipt;
-    bool restored;               /* the recipient's state was restored once already */
-    struct put_ctx *next_cold;   /* queued behind a cold recipient (see put_cold) */
-    uint64_t arrival;            /* order of arrival, which the cold queue keeps */
-    char recipient[PROTO_JID_MAX];
-    char sender_bare[PROTO_JID_MAX];
-    char sender_full[PROTO_JID_MAX];
+    bool restored;             /* the recipient's state was restored once already */
+    struct put_ctx *next_cold; /* queued behind a cold recipient (see put_cold) */
+    uint64_t arrival;          /* order of arrival, which the cold queue keeps */
+    const char *recipient, *sender_bare, *sender_full; /* in strs */
     int64_t stamp_ms;
     proto_buf_t blob; /* what was stored, pushed as it is when the recipient is online */
+    /* Only as long as the JIDs are: under overload tens of thousands of these wait for Redis,
+     * and fixed-size JID buffers (9 kB each, zeroed) made the loop spend seconds faulting in
+     * memory. */
+    char strs[];
 } put_ctx_t;
 
 static void put_start(put_ctx_t *pc);
@@ -99,9 +101,17 @@ struct cold_user {
     struct cold_user *next;
 };
 
+static cold_user_t **cold_bucket(daemon_t *d, const char *user)
+{
+    uint32_t h = 2166136261u; /* FNV-1a */
+    for (const unsigned char *p = (const unsigned char *)user; *p; p++)
+        h = (h ^ *p) * 16777619u;
+    return &d->cold[h % (sizeof d->cold / sizeof d->cold[0])];
+}
+
 static cold_user_t *cold_find(daemon_t *d, const char *user)
 {
-    for (cold_user_t *c = d->cold; c; c = c->next)
+    for (cold_user_t *c = *cold_bucket(d, user); c; c = c->next)
         if (strcmp(c->user, user) == 0)
             return c;
     return NULL;
@@ -116,7 +126,7 @@ static void cold_remove(daemon_t *d, cold_user_t *c)
 /* Unlinks c from the daemon's list; the caller frees it. */
 static void cold_remove_keep(daemon_t *d, cold_user_t *c)
 {
-    for (cold_user_t **p = &d->cold; *p; p = &(*p)->next)
+    for (cold_user_t **p = cold_bucket(d, c->user); *p; p = &(*p)->next)
         if (*p == c) {
             *p = c->next;
             break;
@@ -141,6 +151,12 @@ static void cold_next(daemon_t *d, cold_user_t *c);
  * later ones were already queued here, and must still go before them. */
 static void cold_insert(cold_user_t *c, put_ctx_t *pc)
 {
+    if (c->tail && c->tail->arrival < pc->arrival) { /* the usual case: the newest */
+        c->tail->next_cold = pc;
+        pc->next_cold = NULL;
+        c->tail = pc;
+        return;
+    }
     put_ctx_t **p = &c->head;
     while (*p && (*p)->arrival < pc->arrival)
         p = &(*p)->next_cold;
@@ -183,11 +199,11 @@ static void cold_next(daemon_t *d, cold_user_t *c)
     char origin[PROTO_JID_MAX + 256], suffix[9];
     snprintf(origin, sizeof origin, "%s %s", pc->sender_bare, oid ? oid : "");
     snprintf(suffix, sizeof suffix, "%08x", (unsigned)rand());
-    archive_msg_t m = {NULL, pc->stamp_ms, pc->blob.data, pc->blob.len, "",
-                       pc->track && oid && *oid ? origin : NULL};
-    int rc = d->archive ? archive_put_evicted(d->archive, pc->recipient, &m, suffix,
-                                              on_put_evicted, c)
-                        : ARCHIVE_EDB;
+    archive_msg_t m = {NULL,         pc->stamp_ms, pc->blob.data,
+                       pc->blob.len, "",           pc->track && oid && *oid ? origin : NULL};
+    int rc = d->archive
+                 ? archive_put_evicted(d->archive, pc->recipient, &m, suffix, on_put_evicted, c)
+                 : ARCHIVE_EDB;
     if (rc < 0)
         cold_restore(d, c);
 }
@@ -235,8 +251,9 @@ static void put_cold(put_ctx_t *pc)
     }
     snprintf(c->user, sizeof c->user, "%s", pc->recipient);
     c->head = c->tail = pc;
-    c->next = d->cold;
-    d->cold = c;
+    cold_user_t **b = cold_bucket(d, c->user);
+    c->next = *b;
+    *b = c;
     cold_next(d, c);
 }
 
@@ -279,8 +296,8 @@ static void on_put(void *ud, int err, const store_put_result_t *res)
             d->stats.stored++;
         if (res->status == STORE_PUT_LIVE) {
             /* The push carries what the store holds, so a retransmission is identical. */
-            relay_push(d, pc->recipient, res->resources, res->nresources, res->sid,
-                       pc->blob.data, pc->blob.len);
+            relay_push(d, pc->recipient, res->resources, res->nresources, res->sid, pc->blob.data,
+                       pc->blob.len);
         }
         if (pc->track)
             send_stored(d, pc->msg, res->sid);
@@ -320,14 +337,18 @@ static void put_start(put_ctx_t *pc)
 
 /* Stores msg for recipient and continues in on_put. blob_from is who wrote it (full JID). */
 static void relay_store(daemon_t *d, xmpp_stanza_t *msg, const char *recipient,
-                        const char *sender_bare, const char *blob_from, bool track,
-                        bool is_receipt)
+                        const char *sender_bare, const char *blob_from, bool track, bool is_receipt)
 {
     proto_buf_t inner;
     proto_buf_init(&inner);
-    put_ctx_t *pc = calloc(1, sizeof *pc);
+    size_t lr = strlen(recipient) + 1, lf = strlen(blob_from) + 1, lb = strlen(sender_bare) + 1;
+    put_ctx_t *pc = malloc(sizeof *pc + lr + lf + lb);
     if (!pc || proto_serialize_inner(msg, d->cfg.jid, &inner) < 0)
         goto oom;
+    memset(pc, 0, sizeof *pc);
+    pc->recipient = memcpy(pc->strs, recipient, lr);
+    pc->sender_full = memcpy(pc->strs + lr, blob_from, lf);
+    pc->sender_bare = memcpy(pc->strs + lr + lf, sender_bare, lb);
     proto_buf_init(&pc->blob);
     pc->stamp_ms = daemon_now_ms();
     store_blob_encode(&pc->blob, pc->stamp_ms, track ? STORE_BLOB_RECEIPT : 0, blob_from,
@@ -343,9 +364,6 @@ static void relay_store(daemon_t *d, xmpp_stanza_t *msg, const char *recipient,
     pc->msg = xmpp_stanza_clone(msg);
     pc->track = track;
     pc->is_receipt = is_receipt;
-    snprintf(pc->recipient, sizeof pc->recipient, "%s", recipient);
-    snprintf(pc->sender_full, sizeof pc->sender_full, "%s", blob_from);
-    snprintf(pc->sender_bare, sizeof pc->sender_bare, "%s", sender_bare);
     put_start(pc);
     return;
 oom:
