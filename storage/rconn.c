@@ -273,8 +273,8 @@ void rconn_check(rconn_t *c, uint64_t now, unsigned timeout_ms)
         return;
     char why[160];
     snprintf(why, sizeof why,
-             "Redis did not answer in %u ms (%u commands waiting, %zu bytes not yet sent); "
-             "reconnecting",
+             "Redis did not answer in time (%u ms; %u commands waiting, %zu bytes not yet "
+             "sent); reconnecting",
              timeout_ms, c->inflight, c->ac->c.obuf ? sdslen(c->ac->c.obuf) : 0);
     rconn_reset(c, why);
 }
