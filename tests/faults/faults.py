@@ -1112,20 +1112,7 @@ async def t_standby(ctx):
                       "the survivor: %s", len(missing), missing[:10])
         info["redelivered"] = len(pend & again)
         # and Redis ends clean: nothing pending, queued, stored or scheduled is left behind
-        end = now() + 15
-        while True:
-            for r in ctx.recipients.values():
-                try:
-                    await r.drain_queue()
-                except (Disconnected, asyncio.TimeoutError, IqFailed) as e:
-                    ctx.say("drain %s: %s", r.user, e)
-            rs = await redis_state(ctx)
-            clean = not any(rs["pending"].values()) and rs["q"] == 0 and rs["m"] == 0 and rs["due"] == 0
-            if clean or now() > end:
-                break
-            await asyncio.sleep(0.5)
-        ctx.check(clean, "delivery state left in Redis after the run: pending %s, offline %d, blobs %d, "
-                  "due %d", {k: len(v) for k, v in rs["pending"].items()}, rs["q"], rs["m"], rs["due"])
+        await wait_redis_clean(ctx)
         ctx.extra_counts["STANDBY"] = (
             "server=%s killed=%s survivor=%s takeover=%s first-stored-after-takeover=%s "
             "pending-at-kill=%d redelivered-by-survivor=%d" % (
@@ -1203,7 +1190,7 @@ async def wait_redis_clean(ctx, timeout=15):
         if clean or now() > end:
             break
         await asyncio.sleep(0.5)
-    ctx.check(clean, "delivery state left in the Redis Cluster after the run: pending %s, offline %d, "
+    ctx.check(clean, "delivery state left in Redis after the run: pending %s, offline %d, "
               "blobs %d, windows %d, due %d", {k: len(v) for k, v in rs["pending"].items()}, rs["q"],
               rs["m"], rs.get("pw", 0), rs["due"])
     return clean
