@@ -41,7 +41,7 @@ struct cluster {
     bool refresh_wanted;
     uint64_t last_refresh;
     char down_reason[CLUSTER_HOST_MAX + 256];
-    req_t *parked, *parked_tail;
+    req_list_t parked;
 };
 
 bool cluster__has_map(const store_t *st)
@@ -53,12 +53,7 @@ static void park(store_t *st, req_t *rq, unsigned delay_ms)
 {
     struct cluster *cl = st->cl;
     rq->not_before = uv_now(st->loop) + delay_ms;
-    rq->next = NULL;
-    if (cl->parked_tail)
-        cl->parked_tail->next = rq;
-    else
-        cl->parked = rq;
-    cl->parked_tail = rq;
+    req_list_push(&cl->parked, rq);
 }
 
 /* The backoff of one request: 10, 20, 40 ... ms, at most PARK_MAX_MS. */
@@ -157,7 +152,7 @@ static void on_slots(redisAsyncContext *ac, void *reply, void *privdata)
     }
     update_state(st, NULL);
     /* Whatever waited for a route may have one now. */
-    for (req_t *p = cl->parked; p; p = p->next)
+    for (req_t *p = cl->parked.head; p; p = p->next)
         p->not_before = 0;
 }
 
@@ -231,7 +226,7 @@ void cluster__on_conn(store_t *st, rconn_t *c, int ready, const char *err)
         want_refresh(cl); /* a master that went away may have been replaced */
     update_state(st, err);
     if (ready)
-        for (req_t *p = cl->parked; p; p = p->next)
+        for (req_t *p = cl->parked.head; p; p = p->next)
             p->not_before = 0;
 }
 
@@ -261,12 +256,10 @@ void cluster__close(store_t *st)
     if (!cl)
         return;
     /* Parked requests fail now; those in flight fail as their connections close. */
-    while (cl->parked) {
-        req_t *rq = cl->parked;
-        cl->parked = rq->next;
+    for (req_t *next, *rq = req_list_take(&cl->parked); rq; rq = next) {
+        next = rq->next;
         store__req_fail(rq, STORE_EDOWN);
     }
-    cl->parked_tail = NULL;
     rconn_close(cl->probe);
     cl->probe = NULL;
     for (int i = 0; i < cl->map->nnodes; i++) {
@@ -401,8 +394,7 @@ void cluster__tick(store_t *st, uint64_t now)
     uint64_t every = (cl->refresh_wanted || !st->connected) ? REFRESH_MIN_MS : REFRESH_IDLE_MS;
     if (now - cl->last_refresh >= every)
         refresh(st);
-    req_t *list = cl->parked;
-    cl->parked = cl->parked_tail = NULL;
+    req_t *list = req_list_take(&cl->parked);
     while (list) {
         req_t *rq = list;
         list = rq->next;

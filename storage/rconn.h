@@ -15,6 +15,7 @@
 #include <uv.h>
 
 #include "cluster_map.h"
+#include "store_internal.h"
 
 struct store;
 
@@ -39,10 +40,10 @@ typedef struct rconn {
      * the connection it is sent on, so it must not hold up reads, acks and presence. On it
      * receiptd group-commits: one WAIT in flight covers every put answered before it was sent
      * (storage/store.c). */
-    struct rconn *twin;                       /* on the main connection: its put lane */
-    struct rconn *primary;                    /* on a put lane: its main connection */
-    struct req *gc_pending, *gc_pending_tail; /* puts answered, not yet covered by a WAIT */
-    struct req *gc_batch;                     /* the puts the WAIT in flight covers */
+    struct rconn *twin;    /* on the main connection: its put lane */
+    struct rconn *primary; /* on a put lane: its main connection */
+    req_list_t gc_pending; /* puts answered, not yet covered by a WAIT */
+    req_t *gc_batch;       /* the puts the WAIT in flight covers */
     bool gc_waiting;
     bool gc_degraded; /* the last WAIT fell short: the next ones wait less */
 } rconn_t;

@@ -508,7 +508,7 @@ static void on_gc_wait(redisAsyncContext *ac, void *reply, void *privdata)
             reply_fail(rq, STORE_EREPLY);
         req_done(rq);
     }
-    if (lane->gc_pending)
+    if (lane->gc_pending.head)
         gc_send(lane);
 }
 
@@ -524,8 +524,7 @@ static void gc_send(rconn_t *lane)
     snprintf(n, sizeof n, "%u", st->wait_replicas);
     snprintf(t, sizeof t, "%u", timeout);
     const char *argv[] = {"WAIT", n, t};
-    lane->gc_batch = lane->gc_pending;
-    lane->gc_pending = lane->gc_pending_tail = NULL;
+    lane->gc_batch = req_list_take(&lane->gc_pending);
     if (rconn_send(lane, on_gc_wait, lane, 3, argv, NULL) == 0) {
         lane->gc_waiting = true;
         return;
@@ -544,12 +543,7 @@ static void gc_add(rconn_t *lane, req_t *rq, const redisReply *r)
         store__req_fail(rq, STORE_ENOMEM);
         return;
     }
-    rq->next = NULL;
-    if (lane->gc_pending_tail)
-        lane->gc_pending_tail->next = rq;
-    else
-        lane->gc_pending = rq;
-    lane->gc_pending_tail = rq;
+    req_list_push(&lane->gc_pending, rq);
     if (!lane->gc_waiting)
         gc_send(lane);
 }

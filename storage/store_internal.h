@@ -98,6 +98,29 @@ typedef struct req {
     struct req *next;    /* the parked list */
 } req_t;
 
+/* A FIFO of requests linked through their next field: parked requests, puts waiting for WAIT. */
+typedef struct req_list {
+    req_t *head, *tail;
+} req_list_t;
+
+static inline void req_list_push(req_list_t *l, req_t *rq)
+{
+    rq->next = NULL;
+    if (l->tail)
+        l->tail->next = rq;
+    else
+        l->head = rq;
+    l->tail = rq;
+}
+
+/* Empties the list and returns its chain, oldest first. */
+static inline req_t *req_list_take(req_list_t *l)
+{
+    req_t *all = l->head;
+    l->head = l->tail = NULL;
+    return all;
+}
+
 /* Most commands are an EVALSHA of short string arguments; this builds and sends one. args may
  * hold up to 24 entries, plus an optional binary blob appended last. */
 #define MAX_ARGS 32
