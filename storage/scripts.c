@@ -19,6 +19,8 @@
     "local EPOCH = ARGV[1]\n"                                                                      \
     "local ARGV = {select(2, unpack(ARGV))}\n"
 
+/* hmget and bulk send one command for many fields, in slices of 1000 because Redis' Lua 5.1
+ * cannot unpack more than about 8000 values into one call. */
 #define LUA_HELPERS                                                                                \
     "local function epoch() return EPOCH end\n"                                                    \
     "local function register(P, res)\n"                                                            \
@@ -75,6 +77,19 @@
     "  purge_listed(P, sid, blob, list)\n"                                                         \
     "  return true\n"                                                                              \
     "end\n"                                                                                        \
+    "local function hmget(key, fields)\n"                                                          \
+    "  local res = {}\n"                                                                           \
+    "  for i = 1, #fields, 1000 do\n"                                                              \
+    "    local part = redis.call('HMGET', key, unpack(fields, i, math.min(i + 999, #fields)))\n"   \
+    "    for j = 1, #part do res[#res + 1] = part[j] end\n"                                        \
+    "  end\n"                                                                                      \
+    "  return res\n"                                                                               \
+    "end\n"                                                                                        \
+    "local function bulk(cmd, key, args)\n"                                                        \
+    "  for i = 1, #args, 1000 do\n"                                                                \
+    "    redis.call(cmd, key, unpack(args, i, math.min(i + 999, #args)))\n"                        \
+    "  end\n"                                                                                      \
+    "end\n"                                                                                        \
     "local function device_offline(P, dev)\n"                                                      \
     "  local known = nil\n"                                                                        \
     "  for _, m in ipairs(redis.call('ZRANGE', P .. ':p', 0, -1)) do\n"                            \
@@ -91,18 +106,24 @@
 /* A device's view of the queue: what it has not acked, oldest first after the cursor `after`,
  * at most n, examining at most scan entries so that a device that acked a long stretch cannot
  * make one call block Redis. Returns the sids and the cursor (last sid examined, or nil) and
- * whether the end of the queue was reached. */
+ * whether the end of the queue was reached. It reads the queue in chunks about the size of the
+ * page and asks P:ak about a whole chunk in one HMGET. */
 #define LUA_VIEW                                                                                   \
     "local function view(P, dev, after, n, scan)\n"                                                \
     "  local out, cursor, seen, lo = {}, nil, 0, '(' .. after\n"                                   \
     "  while true do\n"                                                                            \
+    "    local want = math.max(16, math.min(n - #out + 1, 512))\n"                                 \
     "    local chunk = redis.call('ZRANGEBYSCORE', P .. ':q', lo, '+inf', 'WITHSCORES', 'LIMIT', " \
-    "0, 64)\n"                                                                                     \
+    "0, want)\n"                                                                                   \
     "    if #chunk == 0 then return out, cursor, true end\n"                                       \
+    "    local ids = {}\n"                                                                         \
+    "    for i = 1, #chunk, 2 do ids[#ids + 1] = chunk[i] end\n"                                   \
+    "    local lists = redis.call('HMGET', P .. ':ak', unpack(ids))\n"                             \
     "    for i = 1, #chunk, 2 do\n"                                                                \
     "      if #out >= n or seen >= scan then return out, cursor, false end\n"                      \
     "      seen = seen + 1\n"                                                                      \
-    "      if not acked_by(P, chunk[i], dev) then out[#out + 1] = chunk[i] end\n"                  \
+    "      local list = lists[(i + 1) / 2]\n"                                                      \
+    "      if not (list and has(list, dev)) then out[#out + 1] = chunk[i] end\n"                   \
     "      cursor = chunk[i]\n"                                                                    \
     "      lo = '(' .. chunk[i + 1]\n"                                                             \
     "    end\n"                                                                                    \
@@ -161,40 +182,81 @@ static const char put_lua[] = LUA_PROLOGUE LUA_HELPERS
  * messages: it becomes a known device, its pending deliveries of them end, and each message is
  * purged once every known device acked it. Returns {archived (0|1), known devices (newline-
  * separated), {S found here...}, S, blob, ...}, the pairs being the messages acked for the first
- * time by any device: the receipts to relay, once per message. */
-static const char ack_lua[] =
-    LUA_PROLOGUE LUA_HELPERS "local P, dev, found = KEYS[1], ARGV[1], {}\n"
-                             "local out = {redis.call('EXISTS', P .. ':ar'), '', found}\n"
-                             "redis.call('HSET', P .. ':dev', dev, ARGV[2])\n"
-                             "local known = known_devices(P)\n"
-                             "local function ack(sid)\n"
-                             "  local blob = redis.call('HGET', P .. ':m', sid)\n"
-                             "  if not blob then return end\n"
-                             "  found[#found + 1] = sid\n"
-                             "  redis.call('ZREM', P .. ':p', sid .. ' ' .. dev)\n"
-                             "  local list = redis.call('HGET', P .. ':ak', sid)\n"
-                             "  if list and has(list, dev) then return end\n"
-                             "  if not list then\n"
-                             "    out[#out + 1] = sid\n"
-                             "    out[#out + 1] = blob\n"
-                             "  end\n"
-                             "  local now_acked = list and (list .. '\\n' .. dev) or dev\n"
-                             "  if all_acked(now_acked, known) then\n"
-                             "    purge_listed(P, sid, blob, list)\n"
-                             "  else\n"
-                             "    redis.call('HSET', P .. ':ak', sid, now_acked)\n"
-                             "    redis.call('HINCRBY', P .. ':an', dev, 1)\n"
-                             "    redis.call('HINCRBY', P .. ':ab', dev, #blob)\n"
-                             "  end\n"
-                             "end\n"
-                             "if ARGV[3] == 'orig' then\n"
-                             "  local sid = redis.call('HGET', P .. ':o', ARGV[4])\n"
-                             "  if sid then ack(sid) end\n"
-                             "else\n"
-                             "  for i = 4, #ARGV do ack(ARGV[i]) end\n"
-                             "end\n"
-                             "out[2] = table.concat(known, '\\n')\n"
-                             "return out\n";
+ * time by any device: the receipts to relay, once per message.
+ * A client acks a page of a hundred or more messages at once: each key is read and written with
+ * one command for all of them (HMGET, HDEL, ZREM with many fields) rather than one per message,
+ * which is what a retrieval costs Redis. */
+static const char ack_lua[] = LUA_PROLOGUE LUA_HELPERS
+    "local P, dev, found = KEYS[1], ARGV[1], {}\n"
+    "local out = {redis.call('EXISTS', P .. ':ar'), '', found}\n"
+    "redis.call('HSET', P .. ':dev', dev, ARGV[2])\n"
+    "local known = known_devices(P)\n"
+    "out[2] = table.concat(known, '\\n')\n"
+    "local sids, seen = {}, {}\n"
+    "if ARGV[3] == 'orig' then\n"
+    "  sids[1] = redis.call('HGET', P .. ':o', ARGV[4]) or nil\n"
+    "else\n"
+    "  for i = 4, #ARGV do\n"
+    "    if not seen[ARGV[i]] then seen[ARGV[i]] = true; sids[#sids + 1] = ARGV[i] end\n"
+    "  end\n"
+    "end\n"
+    "if #sids == 0 then return out end\n"
+    "local blobs, lists = hmget(P .. ':m', sids), hmget(P .. ':ak', sids)\n"
+    "local ends, acks, gone, listed, bytes, n, b = {}, {}, {}, {}, 0, 0, 0\n"
+    "local minus, order = {}, {}\n"
+    "for i, sid in ipairs(sids) do\n"
+    "  local blob, list = blobs[i], lists[i]\n"
+    "  if blob then\n"
+    "    found[#found + 1] = sid\n"
+    "    ends[#ends + 1] = sid .. ' ' .. dev\n"
+    "    if not (list and has(list, dev)) then\n"
+    "      if not list then\n"
+    "        out[#out + 1] = sid\n"
+    "        out[#out + 1] = blob\n"
+    "      end\n"
+    "      local now_acked = list and (list .. '\\n' .. dev) or dev\n"
+    "      if all_acked(now_acked, known) then\n"
+    "        gone[#gone + 1] = sid\n"
+    "        bytes = bytes + #blob\n"
+    "        if list then\n"
+    "          listed[#listed + 1] = sid\n"
+    "          for d in string.gmatch(list, '[^\\n]+') do\n"
+    "            if not minus[d] then minus[d] = {0, 0}; order[#order + 1] = d end\n"
+    "            minus[d][1] = minus[d][1] + 1\n"
+    "            minus[d][2] = minus[d][2] + #blob\n"
+    "          end\n"
+    "        end\n"
+    "      else\n"
+    "        acks[#acks + 1] = sid\n"
+    "        acks[#acks + 1] = now_acked\n"
+    "        n, b = n + 1, b + #blob\n"
+    "      end\n"
+    "    end\n"
+    "  end\n"
+    "end\n"
+    "bulk('ZREM', P .. ':p', ends)\n"
+    "if n > 0 then\n"
+    "  bulk('HSET', P .. ':ak', acks)\n"
+    "  redis.call('HINCRBY', P .. ':an', dev, n)\n"
+    "  redis.call('HINCRBY', P .. ':ab', dev, b)\n"
+    "end\n"
+    "if #gone == 0 then return out end\n"
+    "for _, d in ipairs(order) do\n"
+    "  redis.call('HINCRBY', P .. ':an', d, -minus[d][1])\n"
+    "  redis.call('HINCRBY', P .. ':ab', d, -minus[d][2])\n"
+    "end\n"
+    "bulk('HDEL', P .. ':ak', listed)\n"
+    "bulk('HDEL', P .. ':m', gone)\n"
+    "bulk('HDEL', P .. ':pw', gone)\n"
+    "bulk('ZREM', P .. ':q', gone)\n"
+    "redis.call('DECRBY', P .. ':qb', bytes)\n"
+    "local okeys = {}\n"
+    "for _, o in ipairs(hmget(P .. ':k', gone)) do if o then okeys[#okeys + 1] = o end end\n"
+    "if #okeys > 0 then\n"
+    "  bulk('HDEL', P .. ':o', okeys)\n"
+    "  bulk('HDEL', P .. ':k', gone)\n"
+    "end\n"
+    "return out\n";
 
 /* KEYS: P. ARGV: user, resource. A push to the resource bounced: it is gone, and its pending
  * deliveries end (what it has not acked stays in the queue if it is a known device). Returns how
@@ -304,9 +366,10 @@ static const char fetch_lua[] = LUA_PROLOGUE LUA_HELPERS LUA_VIEW
     "touch(P, dev, ARGV[2])\n"
     "local sids, cursor, at_end = view(P, dev, ARGV[3], max + 1, 4 * max + 1000)\n"
     "local out, used, taken = {0, '', redis.call('EXISTS', P .. ':ar')}, 0, 0\n"
-    "for _, sid in ipairs(sids) do\n"
+    "local blobs = hmget(P .. ':m', sids)\n"
+    "for i, sid in ipairs(sids) do\n"
     "  if taken == max then break end\n"
-    "  local blob = redis.call('HGET', P .. ':m', sid) or ''\n"
+    "  local blob = blobs[i] or ''\n"
     "  if taken > 0 and used + #blob + over > budget then break end\n"
     "  used = used + #blob + over\n"
     "  taken = taken + 1\n"

@@ -430,6 +430,65 @@ static void test_per_device(void)
     CHECK(summary_count(&a) == 2 && summary_count(&b) == 4);
 }
 
+static int ack_many(const store_device_t *who, const char *const *ids, size_t n)
+{
+    CHECK(store_ack_sids(st, who, ids, n, on_ack, NULL) == 0);
+    run_until_done();
+    return (int)items_n;
+}
+
+static uint64_t summary_bytes(const store_device_t *who)
+{
+    summary_count(who);
+    return sum_bytes;
+}
+
+/* One ack naming many ids (a page, repeats, unknown ids): each message gets its receipt once, is
+ * purged when the last known device acks it, and every device's counts stay right, including
+ * those of devices whose earlier acks of a purged message are taken back. */
+static void test_ack_many(void)
+{
+    const char *erin = "erin@t1", *alice = "alice@t1";
+    const store_device_t x = {erin, "x", 1}, y = {erin, "y", 1};
+    CHECK(put(erin, alice, "e0", true, 100, 1000) == 0);
+    CHECK(ack_ids(&x, put_sid) == 1);
+    CHECK(ack_ids(&y, "1-nothere") == 0); /* y is now a known device too */
+    char e[5][64];
+    for (int i = 1; i <= 4; i++) {
+        char id[8];
+        snprintf(id, sizeof id, "e%d", i);
+        CHECK(put(erin, alice, id, true, 100, 1000 + i) == 0);
+        CHECK(put_res.status == STORE_PUT_OFFLINE);
+        snprintf(e[i], sizeof e[i], "%s", put_sid);
+    }
+    uint64_t all = summary_bytes(&x), one = all / 4;
+    CHECK(sum_count == 4 && all == 4 * one && summary_count(&y) == 4);
+
+    const char *xa[] = {e[1], e[2], e[2], "9-nothere"};
+    CHECK(ack_many(&x, xa, 4) == 2); /* two receipts, nothing purged: y has not acked */
+    CHECK(summary_bytes(&x) == 2 * one && sum_count == 2 && summary_count(&y) == 4);
+
+    const char *ya[] = {e[2], e[3], e[1]};
+    CHECK(ack_many(&y, ya, 3) == 1); /* e3's receipt; e1 and e2 are purged */
+    CHECK(summary_bytes(&x) == 2 * one && sum_count == 2);
+    CHECK(summary_bytes(&y) == one && sum_count == 1);
+
+    const char *xb[] = {e[3], e[4]};
+    CHECK(ack_many(&x, xb, 2) == 1); /* e4's receipt; e3 is purged */
+    CHECK(summary_count(&x) == 0 && summary_bytes(&y) == one && sum_count == 1);
+    CHECK(store_ack_origin(st, &y, alice, "e4", on_ack, NULL) == 0);
+    run_until_done();
+    CHECK(items_n == 0);
+    CHECK(summary_bytes(&x) == 0 && sum_count == 0 && summary_bytes(&y) == 0 && sum_count == 0);
+    /* Purged messages free the quota: four more fit in a quota of four. */
+    for (int i = 5; i <= 8; i++) {
+        char id[8];
+        snprintf(id, sizeof id, "e%d", i);
+        CHECK(put(erin, alice, id, true, 4, 2000 + i) == 0);
+        CHECK(put_res.status == STORE_PUT_OFFLINE);
+    }
+}
+
 /* ---- the archive ---- */
 static store_old_t old_users[4];
 static store_old_msg_t old_msgs[16];
@@ -834,6 +893,7 @@ int main(void)
         test_offline_queue();
         test_live_and_due();
         test_per_device();
+        test_ack_many();
         test_archive();
         test_evict();
         test_wait_replicas(&cfg);
