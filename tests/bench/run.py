@@ -19,7 +19,10 @@ the parts not run are kept from the file; each section says when it was measured
    as the e2e harness configures it, once with network_settings nagle = false.
 4. ceiling: redis-benchmark runs receiptd's own put script (EVALSHA, the same keys and arguments
    as receiptd's call on a single Redis, index shard and dedupe included) pipelined on a fresh
-   Redis of the same configuration: receiptd's store rate as a fraction of that.
+   Redis of the same configuration: receiptd's store rate as a fraction of that. The floors:
+   the same for far cheaper stores (an empty script, one HSET, an ordered queue, a plain HSET),
+   what Redis alone can do per message here whatever the data model; with the store part's CPU
+   per message of receiptd and the generator, what the 100000 msg/s target would take.
 5. cluster (issue #8): the store run at saturation (same loadgen, --cluster-n messages) against
    the single Redis of part 1 and Redis Clusters of 1, 2 and 3 masters ([redis] cluster = ...),
    plus 3 masters + 3 replicas with [redis] wait_replicas = 1; stored+acked msg/s, the ratio to
@@ -257,8 +260,9 @@ def write_ini(path, port, redis_port, redis_extra=None):
 
 # ---- 1. store --------------------------------------------------------------------------------
 
-def store_run(n, rate, window, fsync):
-    """One loadgen run against a fresh Redis; returns a dict of figures."""
+def store_run(n, rate, window, fsync, receiptd=None):
+    """One loadgen run against a fresh Redis (receiptd: another binary than this build's, for
+    the before/after part); returns a dict of figures."""
     redis = Redis(fsync)
     tmp = tempfile.mkdtemp(prefix="receiptd-bench-")
     port = free_port()
@@ -270,10 +274,12 @@ def store_run(n, rate, window, fsync):
                           stdout=subprocess.PIPE, text=True)
     log = os.path.join(tmp, "log")
     lg.stdout.readline()  # "ready"
-    rd = subprocess.Popen([RECEIPTD, "-c", ini], stderr=open(log, "w"))
+    redis_cpu0 = proc_cpu(redis.proc.pid, True)
+    rd = subprocess.Popen([receiptd or RECEIPTD, "-c", ini], stderr=open(log, "w"))
     time.sleep(0.2)
     rss_before = rss_kb(rd.pid)
     out = lg.stdout.read()
+    redis_cpu = proc_cpu(redis.proc.pid, True) - redis_cpu0
     rd_log = harness.tail(log)
     rc = lg.wait()
     rss_after = rss_kb(rd.pid)
@@ -294,6 +300,9 @@ def store_run(n, rate, window, fsync):
         "p50": float(fig["p50_ms"]), "p99": float(fig["p99_ms"]),
         "p999": float(fig["p999_ms"]), "gen_cpu": pct(fig["gen_cpu"]),
         "rd_cpu": 100.0 * cpu / max(secs, 1e-9),
+        # CPU per stored message (the whole run's, startup included), to price a target rate.
+        "rd_us": 1e6 * cpu / n, "redis_us": 1e6 * redis_cpu / n,
+        "gen_us": 1e6 * pct(fig["gen_cpu"]) / 100 * secs / n,
         "rss_before_mb": rss_before / 1024, "rss_after_mb": rss_after / 1024,
         "redis_bytes_per_msg": (mem1 - mem0) / n, "calls_per_msg": evals / n,
         "inner_per_msg": inner / n,
@@ -302,7 +311,7 @@ def store_run(n, rate, window, fsync):
 
 # ---- 2. retrieval ----------------------------------------------------------------------------
 
-def retrieval_run(q, fsync, senders_online=False, perf_data=None):
+def retrieval_run(q, fsync, senders_online=False, perf_data=None, receiptd=None):
     """loadgen queues q messages for r0@localhost, then retrieves them as r0; see the top."""
     redis = Redis(fsync)
     tmp = tempfile.mkdtemp(prefix="receiptd-bench-")
@@ -317,7 +326,8 @@ def retrieval_run(q, fsync, senders_online=False, perf_data=None):
     rd = perf = None
     try:
         lg.stdout.readline()  # "ready"
-        rd = subprocess.Popen([RECEIPTD, "-c", ini], stderr=open(os.path.join(tmp, "log"), "w"))
+        rd = subprocess.Popen([receiptd or RECEIPTD, "-c", ini],
+                              stderr=open(os.path.join(tmp, "log"), "w"))
         time.sleep(0.2)
         rss0 = rss_kb(rd.pid)
         line = lg.stdout.readline()
@@ -482,32 +492,63 @@ def sbs_run(n, fsync, nagle, flip):
 
 # ---- 4. ceiling ------------------------------------------------------------------------------
 
-def ceiling(n, fsync):
-    """redis-benchmark running the put script itself, pipelined, 50 clients."""
+# The arguments of the put script as receiptd calls it on a single Redis: the user's prefix and
+# one index shard's four keys, then the link epoch (every script's first argument,
+# storage/scripts.c), and a receipt-requested message with an original id, so that dedupe is
+# written as well. redis-benchmark draws each __rand_int__ on its own: two of them make the id
+# unique enough that dedupe seldom answers "dup" (which would skip the store).
+BENCH_BLOB = ("1 1764052406123 1 18 4 8\nalice@localhost/r" + "chat" + "g0000001" + "<body>"
+              + "x" * 250 + "</body><request xmlns='urn:xmpp:receipts'/>")
+PUT_KEYS = ["5", "rd:{r__rand_int__@localhost}", "rd:{#0}:due", "rd:{#0}:online",
+            "rd:{#0}:arch", "rd:{#0}:act"]
+PUT_ARGV = ["1", "r__rand_int__@localhost", "alice@localhost", "m__rand_int____rand_int__",
+            "0a0b0c0d", BENCH_BLOB, "1", "1764052406123", "5000", "30000", "86400", "100000000",
+            "100000000000"]
+
+# The floor: what Redis alone does per message on this machine for stores far cheaper than
+# receiptd's, each driven by redis-benchmark like the ceiling, with the same arguments (ARGV[1]
+# the epoch, ARGV[5] the id suffix, ARGV[6] the blob). No data model that keeps a message in
+# Redis can cost less than these.
+FLOORS = [
+    ("a script call carrying the message, no command", "return 1"),
+    ("a script storing the blob: one HSET",
+     "redis.call('HSET', KEYS[1] .. ':m', ARGV[4] .. ARGV[5], ARGV[6]) return 1"),
+    ("a script keeping an ordered queue: INCR seq, HSET blob, ZADD",
+     "local seq = redis.call('INCR', KEYS[1] .. ':seq') local sid = seq .. '-' .. ARGV[5] "
+     "redis.call('HSET', KEYS[1] .. ':m', sid, ARGV[6]) "
+     "redis.call('ZADD', KEYS[1] .. ':q', seq, sid) return sid"),
+    ("no script: one pipelined HSET of the blob", None),
+]
+
+
+def redis_bench(n, fsync, script):
+    """redis-benchmark, 50 clients, pipeline 32, on a fresh Redis with the benchmark's
+    persistence: `script` (Lua source) called like receiptd's put, or None for a plain HSET of
+    the blob. Returns (calls/s, Redis CPU microseconds per call, AOF rewrite children included)."""
     redis = Redis(fsync)
-    src = subprocess.run([os.path.join(BUILD, "tests", "bench", "dump_script"), "put"],
-                         capture_output=True, text=True).stdout
-    sha = redis.cli("script", "load", src).strip()
-    blob = ("1 1764052406123 1 18 4 8\nalice@localhost/r" + "chat" + "g0000001" + "<body>"
-            + "x" * 250 + "</body><request xmlns='urn:xmpp:receipts'/>")
     # The put script answers "cold" for a recipient with no state in Redis: create the state of
     # the recipients redis-benchmark will pick (-r 1000: r000000000000 .. r000000000999) first.
     redis.cli("eval", "for i = 0, 999 do redis.call('SET', 'rd:{r' .. string.format('%012d', i)"
               " .. '@localhost}:seq', 0) end return 1", "0")
-    # The call receiptd makes on a single Redis: the user's prefix and one index shard's four
-    # keys, then the link epoch (every script's first argument, storage/scripts.c), and a
-    # receipt-requested message with an original id, so that dedupe is written as well.
-    # redis-benchmark draws each __rand_int__ on its own: two of them make the id unique enough
-    # that dedupe seldom answers "dup" (which would skip the store).
-    args = ["redis-benchmark", "-p", str(redis.port), "-n", str(n), "-c", "50", "-P", "32", "-q",
-            "-r", "1000", "EVALSHA", sha, "5", "rd:{r__rand_int__@localhost}", "rd:{#0}:due",
-            "rd:{#0}:online", "rd:{#0}:arch", "rd:{#0}:act", "7",
-            "r__rand_int__@localhost", "alice@localhost", "m__rand_int____rand_int__", "0a0b0c0d",
-            blob, "1", "1764052406123", "5000", "30000", "86400", "100000000", "100000000000"]
-    out = subprocess.run(args, capture_output=True, text=True).stdout
+    if script is None:
+        cmd = ["HSET", "rd:{r__rand_int__@localhost}:m", "m__rand_int____rand_int__", BENCH_BLOB]
+    else:
+        cmd = ["EVALSHA", redis.cli("script", "load", script).strip()] + PUT_KEYS + PUT_ARGV
+    cpu0 = proc_cpu(redis.proc.pid, True)
+    out = subprocess.run(["redis-benchmark", "-p", str(redis.port), "-n", str(n), "-c", "50",
+                          "-P", "32", "-q", "-r", "1000"] + cmd,
+                         capture_output=True, text=True).stdout
+    cpu = proc_cpu(redis.proc.pid, True) - cpu0
     redis.stop()
     m = re.search(r"([\d.]+) requests per second", out)
-    return float(m.group(1)) if m else 0.0
+    return (float(m.group(1)) if m else 0.0), 1e6 * cpu / n
+
+
+def ceiling(n, fsync):
+    """redis-benchmark running the put script itself: calls/s and Redis us per call."""
+    src = subprocess.run([os.path.join(BUILD, "tests", "bench", "dump_script"), "put"],
+                         capture_output=True, text=True).stdout
+    return redis_bench(n, fsync, src)
 
 
 # ---- 5. Redis Cluster scaling ----------------------------------------------------------------
@@ -973,7 +1014,31 @@ def cluster_verdict(setups, res, one):
 
 # ---- report ----------------------------------------------------------------------------------
 
+def floor_note(floor, sat):
+    """What the floors prove about the store target, in this run's numbers."""
+    labels = [f[0] for f in FLOORS]
+    queue, plain = med(floor[labels[2]], 0), med(floor[labels[3]], 0)
+    text = ("The floors are stores far simpler than receiptd's, run like the ceiling. Keeping "
+            "each message in an ordered per-user queue with one script call (INCR, HSET, ZADD; "
+            "no dedupe, no quota, no per-device state, no index) reaches %.0f msg/s on one Redis "
+            "here, %.0f%% of the %d msg/s target; a plain pipelined HSET of the blob, with no "
+            "order and no script, %.0f msg/s." % (queue, 100 * queue / T_STORE, T_STORE, plain))
+    if queue < T_STORE:
+        text += (" So no store that orders each message with a Redis script call can take %d "
+                 "msg/s on this machine, whatever receiptd does." % T_STORE)
+    if sat:
+        rd, gen = med(sat, "rd_us"), med(sat, "gen_us")
+        text += (" Nor is the rest of the path free: at %d msg/s the generator alone, at its "
+                 "measured %.1f us per message, would take %.1f cores, and receiptd at its %.1f "
+                 "us (libstrophe's parse and serialization included) %.1f cores, of the "
+                 "machine's %d; even with the plain HSET, Redis would take %.1f more."
+                 % (T_STORE, gen, gen * T_STORE / 1e6, rd, rd * T_STORE / 1e6, os.cpu_count(),
+                    med(floor[labels[3]], 1) * T_STORE / 1e6))
+    return text
+
+
 def med(runs, key=None):
+    """The median of the runs' values, or of their field `key` (a dict key or tuple index)."""
     vals = [r if key is None else r[key] for r in runs]
     return statistics.median(vals)
 
@@ -1106,6 +1171,12 @@ def main():
             med(sat, "rss_before_mb"), med(sat, "rss_after_mb")))
         row("store: CPU of receiptd / of the generator at saturation", "%.0f%% / %.0f%%" % (
             med(sat, "rd_cpu"), med(sat, "gen_cpu")))
+        row("store: CPU per stored message at saturation: receiptd / Redis (with its AOF "
+            "rewrites) / generator (us; loopback TCP interrupts not included)",
+            " / ".join("%.1f" % med(sat, k) for k in ("rd_us", "redis_us", "gen_us")))
+        row("store: cores that %d msg/s would take at those costs (the machine has %d)"
+            % (T_STORE, os.cpu_count()), "%.1f" % (
+                sum(med(sat, k) for k in ("rd_us", "redis_us", "gen_us")) * T_STORE / 1e6))
         bpm = med(sat, "redis_bytes_per_msg")
         row("store: Redis memory per stored message (bytes)", "%.0f" % bpm,
             "<= 2x stanza (~%d)" % (2 * 420), bpm <= 2 * 420)
@@ -1185,11 +1256,19 @@ def main():
     if "ceiling" in parts:
         say("ceiling: %d runs of redis-benchmark, %d calls" % (a.runs, a.n))
         ceil = [ceiling(a.n, a.fsync) for _ in range(a.runs)]
-        c_rate = med(ceil)
-        row("ceiling: redis-benchmark EVALSHA put, pipelined (calls/s)", show(ceil))
+        c_rate = med(ceil, 0)
+        row("ceiling: redis-benchmark EVALSHA put, pipelined (calls/s)", show(ceil, 0))
+        row("ceiling: Redis CPU per put (us, AOF rewrites included)", show(ceil, 1, "%.1f"))
         if s_rate:
             row("store: receiptd / ceiling", "%.2f" % (s_rate / c_rate if c_rate else 0))
-        # What the ceiling proves, in this run's own numbers.
+        say("floor: %d runs of redis-benchmark for each of %d cheaper stores" % (
+            a.runs, len(FLOORS)))
+        floor = {}
+        for label, src in FLOORS:
+            floor[label] = [redis_bench(a.n, a.fsync, src) for _ in range(a.runs)]
+            row("floor: %s (calls/s; Redis CPU us per call)" % label, "%s; %s" % (
+                show(floor[label], 0), show(floor[label], 1, "%.1f")))
+        # What the ceiling and the floors prove, in this run's own numbers.
         if c_rate:
             notes.append(
                 "The ceiling is Redis alone running the put script as fast as redis-benchmark "
@@ -1201,14 +1280,15 @@ def main():
                 "commands per message: dedupe, quota, queue, per-device state, indexes)."
                 % (c_rate, "%.0f%%" % (100 * s_rate / c_rate) if s_rate else "?", T_STORE,
                    T_STORE / c_rate))
+            notes.append(floor_note(floor, sat if s_rate else None))
             if r_rate is not None:
                 notes.append(
-                    "Retrieval acks relay one receipt per message to its sender, and a relayed "
-                    "receipt is itself a stored message (the same put script, with the sender "
-                    "as recipient, without the dedupe writes): the retrieval rate is bounded by "
-                    "about the same ceiling, %.0f msg/s, well below the %d msg/s retrieval "
-                    "target, before any fetch or ack work."
-                    % (c_rate, T_RETRIEVE))
+                    "Retrieval with the senders offline relays one receipt per message into the "
+                    "sender's queue, and a relayed receipt is itself a stored message (the put "
+                    "script without the dedupe writes): that retrieval is bounded by about the "
+                    "same ceiling, %.0f msg/s, below the %d msg/s target before any fetch or ack "
+                    "work. With the senders online the receipts are pushed, not stored, and no "
+                    "floor above rules the target out." % (c_rate, T_RETRIEVE))
 
     cluster_text = None
     if "cluster" in parts:
@@ -1312,7 +1392,11 @@ def main():
                   "`dump_script put`) with the keys and arguments receiptd gives it on a single "
                   "Redis (the user's prefix and an index shard's four keys; a receipt-requested "
                   "message with a fresh original id, so dedupe is written too; 1000 recipients), "
-                  "50 clients, pipeline 32."]
+                  "50 clients, pipeline 32. The **floors** run the same way, with the same "
+                  "arguments, for much cheaper stores (no command at all, one HSET, an ordered "
+                  "queue of three commands, a plain HSET with no script). Redis CPU per call is "
+                  "its user+sys time over the run divided by the calls, AOF rewrite children "
+                  "included; redis-benchmark itself runs on the other core."]
     lines += ["- **CPU**: 100% is one core. The generators report their own user+sys CPU over "
               "the measured wall time; a generator near 100% would be the bottleneck."]
     if notes:
