@@ -40,9 +40,14 @@ struct link {
     uv_timer_t retry_timer;
     unsigned backoff_ms;
     stream_parser_t *parser;
-    bool drop_pending;  /* set from parser callbacks; acted on once the feed returns */
+    bool drop_pending; /* set from parser callbacks; acted on once the feed returns */
     char drop_why[256];
-    size_t queued;
+    size_t queued; /* bytes accepted and not yet written: in out[] and in libuv's queue */
+    /* What this turn of the loop sent, written at once before the loop next waits for I/O: one
+     * write() for a burst of acks instead of one per stanza. */
+    uv_prepare_t flusher;
+    char *out;
+    size_t out_len, out_cap;
     unsigned open_handles;
     log_throttle_t fail_log;
     bool conflict;      /* the current attempt ended in a stream error <conflict/> */
@@ -66,6 +71,7 @@ static void maybe_free(link_t *l)
 {
     if (l->state == ST_CLOSED && l->open_handles == 0 && !l->resolving) {
         stream_parser_free(l->parser);
+        free(l->out);
         free(l);
     }
 }
@@ -93,6 +99,8 @@ static void link_drop(link_t *l, const char *why)
     }
     l->conn = NULL;
     l->queued = 0;
+    l->out_len = 0;
+    uv_prepare_stop(&l->flusher);
     if (l->state == ST_CLOSED)
         return;
     if (was_up) {
@@ -135,6 +143,36 @@ static void on_write(uv_write_t *req, int status)
     free(w);
 }
 
+static void on_flush(uv_prepare_t *p)
+{
+    link_t *l = p->data;
+    uv_prepare_stop(p);
+    size_t len = l->out_len;
+    l->out_len = 0;
+    if (!len || !l->conn || l->conn->closing)
+        return;
+    uv_buf_t buf = uv_buf_init(l->out, (unsigned)len);
+    int n = uv_try_write((uv_stream_t *)&l->conn->tcp, &buf, 1);
+    size_t done = n > 0 ? (size_t)n : 0;
+    l->queued -= done;
+    if (done == len)
+        return;
+    /* The socket is full (or earlier writes still queue): libuv keeps the rest. */
+    write_req_t *w = malloc(sizeof *w + (len - done));
+    if (!w) {
+        link_drop(l, "out of memory");
+        return;
+    }
+    memcpy(w->data, l->out + done, len - done);
+    w->len = len - done;
+    w->link = l;
+    buf = uv_buf_init(w->data, (unsigned)w->len);
+    if (uv_write(&w->req, (uv_stream_t *)&l->conn->tcp, &buf, 1, on_write) != 0) {
+        free(w);
+        link_drop(l, "write failed");
+    }
+}
+
 static int send_raw(link_t *l, const char *data, size_t len)
 {
     log_debug("link: out %.*s", len > 1500 ? 1500 : (int)len, data);
@@ -142,17 +180,20 @@ static int send_raw(link_t *l, const char *data, size_t len)
         return -1;
     if (l->queued + len > l->cfg.max_queued_bytes)
         return -1;
-    write_req_t *w = malloc(sizeof *w + len);
-    if (!w)
-        return -1;
-    memcpy(w->data, data, len);
-    w->len = len;
-    w->link = l;
-    uv_buf_t buf = uv_buf_init(w->data, (unsigned)len);
-    if (uv_write(&w->req, (uv_stream_t *)&l->conn->tcp, &buf, 1, on_write) != 0) {
-        free(w);
-        return -1;
+    if (l->out_len + len > l->out_cap) {
+        size_t cap = l->out_cap ? l->out_cap : 16384;
+        while (cap < l->out_len + len)
+            cap *= 2;
+        char *out = realloc(l->out, cap);
+        if (!out)
+            return -1;
+        l->out = out;
+        l->out_cap = cap;
     }
+    memcpy(l->out + l->out_len, data, len);
+    if (!l->out_len)
+        uv_prepare_start(&l->flusher, on_flush);
+    l->out_len += len;
     l->queued += len;
     return 0;
 }
@@ -364,7 +405,7 @@ static void on_retry(uv_timer_t *t)
         link_connect(l);
 }
 
-static void on_timer_closed(uv_handle_t *h)
+static void on_handle_closed(uv_handle_t *h)
 {
     link_t *l = h->data;
     l->open_handles--;
@@ -392,7 +433,9 @@ int link_create(uv_loop_t *loop, xmpp_ctx_t *ctx, const link_config_t *cfg,
     }
     uv_timer_init(loop, &l->retry_timer);
     l->retry_timer.data = l;
-    l->open_handles = 1;
+    uv_prepare_init(loop, &l->flusher);
+    l->flusher.data = l;
+    l->open_handles = 2;
     *out = l;
     return 0;
 }
@@ -410,8 +453,10 @@ bool link_is_up(const link_t *l)
 void link_close(link_t *l)
 {
     if (l->state == ST_UP && l->conn) {
-        /* Best effort: the server learns we left on purpose, not from a reset. */
+        /* Best effort: what this turn sent, then the server learns we left on purpose, not from
+         * a reset. */
         static const char bye[] = "</stream:stream>";
+        on_flush(&l->flusher);
         uv_buf_t buf = uv_buf_init((char *)bye, sizeof bye - 1);
         uv_try_write((uv_stream_t *)&l->conn->tcp, &buf, 1);
     }
@@ -424,5 +469,6 @@ void link_close(link_t *l)
     }
     l->conn = NULL;
     uv_timer_stop(&l->retry_timer);
-    uv_close((uv_handle_t *)&l->retry_timer, on_timer_closed);
+    uv_close((uv_handle_t *)&l->retry_timer, on_handle_closed);
+    uv_close((uv_handle_t *)&l->flusher, on_handle_closed);
 }

@@ -1,13 +1,23 @@
-/* One uvredis_t per hiredis context: it owns the uv_poll_t and frees itself in the handle's
- * close callback, which hiredis triggers through the cleanup hook when the context goes away. */
+/* One uvredis_t per hiredis context: it owns a uv_poll_t and a uv_prepare_t and frees itself in
+ * the last handle's close callback, which hiredis triggers through the cleanup hook when the
+ * context goes away.
+ *
+ * Writes: hiredis asks for a writable event with every command. Polling for it costs two
+ * epoll_ctl calls per loop turn (watch, unwatch) and a wakeup, so instead the commands of a
+ * turn are written from a prepare callback, just before the loop waits for I/O. Only a socket
+ * that is still connecting, or too full to take everything, is polled for writability. */
 #include "uvredis.h"
 
+#include <stdbool.h>
 #include <stdlib.h>
 
 typedef struct uvredis {
     redisAsyncContext *ac; /* NULL once hiredis let go of it */
     uv_poll_t poll;
+    uv_prepare_t flusher;
     int events;
+    bool flushing; /* inside the flush: a request to write again means the socket is full */
+    int open;      /* handles not yet closed */
 } uvredis_t;
 
 static void on_poll(uv_poll_t *h, int status, int events)
@@ -33,7 +43,10 @@ static void on_poll(uv_poll_t *h, int status, int events)
 
 static void update(uvredis_t *u, int add, int del)
 {
-    u->events = (u->events | add) & ~del;
+    int events = (u->events | add) & ~del;
+    if (events == u->events)
+        return;
+    u->events = events;
     if (u->events)
         uv_poll_start(&u->poll, u->events, on_poll);
     else
@@ -50,9 +63,24 @@ static void del_read(void *p)
     update(p, 0, UV_READABLE);
 }
 
+static void on_flush(uv_prepare_t *h)
+{
+    uvredis_t *u = h->data;
+    uv_prepare_stop(h);
+    if (!u->ac)
+        return;
+    u->flushing = true;
+    redisAsyncHandleWrite(u->ac); /* may drop the context: then cleanup ran */
+    u->flushing = false;
+}
+
 static void add_write(void *p)
 {
-    update(p, UV_WRITABLE, 0);
+    uvredis_t *u = p;
+    if (u->flushing || !(u->ac->c.flags & REDIS_CONNECTED))
+        update(u, UV_WRITABLE, 0);
+    else
+        uv_prepare_start(&u->flusher, on_flush);
 }
 
 static void del_write(void *p)
@@ -62,7 +90,9 @@ static void del_write(void *p)
 
 static void on_closed(uv_handle_t *h)
 {
-    free(h->data);
+    uvredis_t *u = h->data;
+    if (--u->open == 0)
+        free(u);
 }
 
 static void cleanup(void *p)
@@ -70,6 +100,7 @@ static void cleanup(void *p)
     uvredis_t *u = p;
     u->ac = NULL;
     uv_close((uv_handle_t *)&u->poll, on_closed);
+    uv_close((uv_handle_t *)&u->flusher, on_closed);
 }
 
 int store__attach_uv(redisAsyncContext *ac, uv_loop_t *loop)
@@ -83,8 +114,11 @@ int store__attach_uv(redisAsyncContext *ac, uv_loop_t *loop)
         free(u);
         return -1;
     }
+    uv_prepare_init(loop, &u->flusher);
+    u->open = 2;
     u->ac = ac;
     u->poll.data = u;
+    u->flusher.data = u;
     ac->ev.data = u;
     ac->ev.addRead = add_read;
     ac->ev.delRead = del_read;
