@@ -20,6 +20,10 @@
 typedef struct app {
     daemon_t d;
     uv_signal_t sigterm, sigint;
+    /* The link attaches once Redis is connected, or when [redis] timeout passed without it: a
+     * message arriving before the store can take it would only get a wait error. */
+    uv_timer_t link_gate;
+    bool link_started;
     bool stopping;
 } app_t;
 
@@ -130,9 +134,29 @@ static const char *redis_where(const config_t *cfg, char *buf, size_t len)
     return buf;
 }
 
+static void start_link(app_t *app)
+{
+    if (app->link_started || app->stopping)
+        return;
+    app->link_started = true;
+    uv_timer_stop(&app->link_gate);
+    link_start(app->d.link);
+}
+
+static void on_link_gate(uv_timer_t *t)
+{
+    app_t *app = t->data;
+    if (!app->link_started)
+        log_warn("store: not connected after %u ms; attaching to the server anyway (senders get "
+                 "wait errors until Redis is back)",
+                 (unsigned)app->d.cfg.redis_timeout_ms);
+    start_link(app);
+}
+
 static void on_store_state(void *ud, int connected, const char *err)
 {
-    daemon_t *d = ud;
+    app_t *app = ud;
+    daemon_t *d = &app->d;
     uint64_t now = (uint64_t)daemon_now_ms();
     char where[1200];
     if (connected) {
@@ -141,6 +165,7 @@ static void on_store_state(void *ud, int connected, const char *err)
         store_config_get(d->store, "appendonly", on_persistence, d);
         store_config_get(d->store, "appendfsync", on_fsync, d);
         maybe_start_epoch(d);
+        start_link(app);
     } else if (log_throttle_pass(&d->store_log, now)) {
         log_warn("store: %s unavailable: %s (senders get wait errors; retrying with backoff; "
                  "logged once a minute)",
@@ -176,6 +201,7 @@ static void on_signal(uv_signal_t *s, int signum)
     }
     uv_close((uv_handle_t *)&app->sigterm, NULL);
     uv_close((uv_handle_t *)&app->sigint, NULL);
+    uv_close((uv_handle_t *)&app->link_gate, NULL);
 }
 
 static void log_stats(const daemon_t *d)
@@ -276,7 +302,9 @@ int main(int argc, char **argv)
         fprintf(stderr, "receiptd: [sqlite] path: %s\n", err);
         return 1;
     }
-    if (store_create(&loop, &scfg, on_store_state, d, &d->store) < 0 ||
+    uv_timer_init(&loop, &app.link_gate);
+    app.link_gate.data = &app;
+    if (store_create(&loop, &scfg, on_store_state, &app, &d->store) < 0 ||
         link_create(&loop, d->ctx, &lcfg, &lcb, d, &d->link) < 0) {
         fprintf(stderr, "receiptd: out of memory\n");
         return 1;
@@ -296,7 +324,7 @@ int main(int argc, char **argv)
         log_info("store: <stored/> waits for %u Redis replica(s) to have each message (WAIT, at "
                  "most %lld ms; unconfirmed puts get a wait error)",
                  d->cfg.redis_wait_replicas, (long long)d->cfg.redis_wait_timeout_ms);
-    link_start(d->link);
+    uv_timer_start(&app.link_gate, on_link_gate, d->cfg.redis_timeout_ms, 0);
 
     uv_run(&loop, UV_RUN_DEFAULT);
 

@@ -1113,6 +1113,47 @@ def redis_diag(redis):
     return "\n".join(out)
 
 
+@scenario("redis-at-start", timeout=90, extra={"redis": {"timeout": "3"}})
+async def redis_at_start(t):
+    """receiptd started while Redis is down does not attach until Redis is up (the server answers
+    for it meanwhile, no wait errors); still down after [redis] timeout, it attaches anyway and
+    senders get wait errors until Redis is back."""
+    alice = await t.client("alice")
+    rd = t.stack.receiptd
+    await t.sync(t.stack.stop_receiptd_checked)
+    await t.sync(t.stack.redis.stop)
+    # 1. Redis comes up within the timeout: the link waits for it.
+    await t.sync(rd._spawn)
+    await asyncio.sleep(1.0)
+    t.eq(rd.count_in_log("link: authenticated"), 0, "link attached while Redis was down (1 s in)")
+    m = await send_while_down(t, alice, "bob", "ras-1")
+    t.eq(error_condition(m)[1], SERVER_DOWN_CONDITION[t.server],
+         "condition of the server's error while receiptd waits for Redis")
+    await t.sync(t.stack.redis.start)
+    await t.sync(rd.wait_ready)
+    log = open(rd.log).read()
+    t.check(log.find("store: connected") < log.find("link: authenticated"),
+            "the link attached before the store connected")
+    t.eq(rd.count_in_log("attaching to the server anyway"), 0, "gave up waiting for Redis")
+    s1 = await send_stored(t, alice, "bob", "ras-1")
+    t.say("Redis up 1 s after the start: attached after it, stored %s", s1)
+    # 2. Redis stays down past [redis] timeout (3 s): the link attaches anyway.
+    await t.sync(t.stack.stop_receiptd_checked)
+    await t.sync(t.stack.redis.stop)
+    await t.sync(rd._spawn)
+    await t.sync(rd.wait_log, "attaching to the server anyway", 1, 10)
+    await t.sync(rd.wait_log, "link: authenticated", 1, 10)
+    alice.send_msg(bare("bob"), mid="ras-2", request=True)
+    m = await alice.wait_stored_or_error("ras-2", timeout=15)
+    et, ec, _ = error_condition(m) if m["type"] == "error" else (None, None, None)
+    t.eq((et, ec), ("wait", "internal-server-error"), "answer while attached without Redis")
+    await t.sync(t.stack.redis.start)
+    await t.sync(rd.wait_log, "store: connected", 1, 15)
+    s2 = await send_stored(t, alice, "bob", "ras-2")
+    t.check(sid_seq(s2) > sid_seq(s1), "stanza-id after the restart does not sort after %s: %s",
+            s1, s2)
+
+
 @scenario("redis-restart", timeout=90)
 async def redis_restart(t):
     """Redis down: sender gets wait errors; receiptd reconnects by itself; nothing acknowledged is missing."""
