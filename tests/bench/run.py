@@ -30,6 +30,9 @@ the parts not run are kept from the file; each section says when it was measured
    all of them), Redis commands per message; where the ceiling is. Its own section of
    RESULTS.md ("Redis Cluster scaling"): `--parts cluster` rewrites only that section, and the
    other parts alone leave it as it was.
+6. compare (only with --baseline REV): receiptd built at git revision REV against this tree's,
+   the store and retrieval runs side by side, round by round (compare.py); its own section of
+   RESULTS.md ("Before / after").
 
 Each figure is the median of --runs runs (--queue-runs for the big retrieval, --cluster-runs
 rounds of the cluster part, where a run disturbed by other processes, more than
@@ -40,7 +43,9 @@ counted in the figures) and the top of its profile goes into RESULTS.md.
 usage: run.py [--quick] [-n N] [--runs K] [--queue Q] [--queue-runs K] [--sbs-n N]
               [--cluster-n N] [--cluster-runs K] [--cluster-masters 1,2,3] [--no-cluster-wait]
               [--cluster-max-noise PCT] [--cluster-redo K]
-              [--parts store,retrieval,sbs,ceiling,cluster] [--no-perf] [--out FILE]
+              [--parts store,retrieval,sbs,ceiling,cluster,compare] [--baseline REV]
+              [--compare-runs K] [--compare-n N] [--compare-q Q] [--compare-rate R] [--no-perf]
+              [--out FILE]
 """
 import argparse
 import os
@@ -66,6 +71,7 @@ CLK = os.sysconf("SC_CLK_TCK")
 
 sys.path.insert(0, os.path.join(ROOT, "tests", "e2e"))
 import harness  # noqa: E402  (Redis + Prosody + receiptd processes for the side by side)
+import compare  # noqa: E402  (the before / after part)
 
 # Targets of issue #3.
 T_STORE = 100000
@@ -81,6 +87,8 @@ FETCH_MAX_BYTES = 131072
 # The parts of the main table, and the heading of the cluster part's own section.
 MAIN_PARTS = {"store", "retrieval", "sbs", "ceiling"}
 CLUSTER_HEAD = "## Redis Cluster scaling"
+# The parts with a section of their own in RESULTS.md, in file order.
+SECTIONS = [compare.HEAD, CLUSTER_HEAD]
 
 
 class BenchError(Exception):
@@ -1068,21 +1076,27 @@ def status_like(path, key):
         return int(re.search(key + r":\s+(\d+)", f.read()).group(1))
 
 
-def merge_results(path, main_text, cluster_text):
-    """The results file: the main table (store, retrieval, sbs, ceiling) then the cluster section.
-    A part this invocation did not run keeps its text from the existing file (each section says
-    when it was measured), so `--parts cluster` rewrites only the cluster section."""
+def merge_results(path, main_text, sections):
+    """The results file: the main table (store, retrieval, sbs, ceiling), then the sections of
+    the parts with their own (SECTIONS order), given as {heading: text}. A part this invocation
+    did not run (text None) keeps its text from the existing file (each section says when it
+    was measured), so `--parts cluster` rewrites only the cluster section."""
     try:
         with open(path) as f:
             old = f.read()
     except OSError:
         old = ""
-    i = old.find("\n" + CLUSTER_HEAD + "\n")
-    old_main, old_cluster = (old, "") if i < 0 else (old[:i + 1], old[i + 1:])
+    cuts = sorted((old.find("\n" + h + "\n"), h) for h in SECTIONS)
+    cuts = [(i, h) for i, h in cuts if i >= 0]
+    old_main = old if not cuts else old[:cuts[0][0] + 1]
+    kept = {h: old[i + 1:(cuts[k + 1][0] + 1 if k + 1 < len(cuts) else len(old))]
+            for k, (i, h) in enumerate(cuts)}
     text = main_text if main_text is not None else (old_main or "# receiptd benchmark results\n")
-    cluster = cluster_text if cluster_text is not None else old_cluster
-    if cluster:
-        text = text.rstrip("\n") + "\n\n" + cluster
+    for h in SECTIONS:
+        part = sections.get(h)
+        part = part if part is not None else kept.get(h, "")
+        if part:
+            text = text.rstrip("\n") + "\n\n" + part.rstrip("\n") + "\n"
     return text
 
 
@@ -1110,6 +1124,14 @@ def main():
     ap.add_argument("--no-cluster-wait", action="store_true",
                     help="no 3 masters + 3 replicas row with wait_replicas = 1")
     ap.add_argument("--no-perf", action="store_true", help="no profile when a target is missed")
+    ap.add_argument("--baseline", metavar="REV",
+                    help="also run part compare: receiptd built at git revision REV against this "
+                    "tree's, side by side")
+    ap.add_argument("--compare-runs", type=int, default=3, help="rounds of the compare part")
+    ap.add_argument("--compare-n", type=int, default=100000, help="N of its store runs")
+    ap.add_argument("--compare-q", type=int, default=100000, help="Q of its retrievals")
+    ap.add_argument("--compare-rate", type=int, default=9000,
+                    help="offered msg/s of its latency run")
     ap.add_argument("--quick", action="store_true",
                     help="small sizes, one run each (a smoke test; not for RESULTS.md)")
     ap.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"))
@@ -1117,14 +1139,19 @@ def main():
     if a.quick:
         a.n, a.runs, a.queue, a.online_queue, a.sbs_n = 20000, 1, 50000, 20000, 2000
         a.cluster_n, a.cluster_runs = 20000, 1
+        a.compare_runs, a.compare_n, a.compare_q, a.compare_rate = 1, 20000, 20000, 5000
         if a.out == os.path.join(HERE, "RESULTS.md"):
             a.out = os.path.join(tempfile.gettempdir(), "receiptd-bench-quick.md")
     qruns = a.queue_runs or a.runs
     a.cluster_runs = a.cluster_runs or a.runs
     parts = set(a.parts.split(","))
-    unknown = parts - MAIN_PARTS - {"cluster"}
+    if a.baseline:
+        parts.add("compare")
+    unknown = parts - MAIN_PARTS - {"cluster", "compare"}
     if unknown:
         ap.error("unknown part(s): %s" % ", ".join(sorted(unknown)))
+    if "compare" in parts and not a.baseline:
+        ap.error("part compare needs --baseline REV")
     t_start, cpu_start, load = time.monotonic(), machine_cpu(), os.getloadavg()
     rows, notes = [], []
 
@@ -1298,6 +1325,11 @@ def main():
             a.cluster_runs, len(setups), a.cluster_n))
         cluster_text = cluster_part(a, say, same_as_main=bool(parts & MAIN_PARTS))
 
+    compare_text = None
+    if "compare" in parts:
+        say("compare: %d rounds, receiptd at %s and this tree's" % (a.compare_runs, a.baseline))
+        compare_text = compare.compare_part(sys.modules[__name__], a, say)
+
     prof = None
     if "retrieval" in parts and r_rate < T_RETRIEVE and not a.no_perf and shutil.which("perf"):
         pq = min(a.queue, 200000)
@@ -1409,7 +1441,7 @@ def main():
                   % prof[:2], "",
                   "```"] + prof[2] + [""] + prof[3] + ["```"]
     text = merge_results(a.out, "\n".join(lines) + "\n" if parts & MAIN_PARTS else None,
-                         cluster_text)
+                         {CLUSTER_HEAD: cluster_text, compare.HEAD: compare_text})
     print(text)
     with open(a.out, "w") as f:
         f.write(text)
