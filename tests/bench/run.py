@@ -297,6 +297,7 @@ def store_run(n, rate, window, fsync, receiptd=None):
     fig = kv(out)
     mem1 = int(redis.info("memory")["used_memory"])
     evals, inner = redis_calls(redis)
+    stats = redis.info("stats")
     redis.stop()
     shutil.rmtree(tmp, ignore_errors=True)
     if rc != 0 or "rate" not in fig:
@@ -314,6 +315,8 @@ def store_run(n, rate, window, fsync, receiptd=None):
         "rss_before_mb": rss_before / 1024, "rss_after_mb": rss_after / 1024,
         "redis_bytes_per_msg": (mem1 - mem0) / n, "calls_per_msg": evals / n,
         "inner_per_msg": inner / n,
+        # AOF rewrites fork Redis, which stops it for the fork itself (the last one's length).
+        "forks": int(stats["total_forks"]), "fork_ms": int(stats["latest_fork_usec"]) / 1000,
     }
 
 
@@ -1022,6 +1025,28 @@ def cluster_verdict(setups, res, one):
 
 # ---- report ----------------------------------------------------------------------------------
 
+def fork_note(rate, sat_rate, fork_ms, forks):
+    """What an AOF rewrite does to the latency at the offered rate, in this run's numbers."""
+    if not forks:
+        text = "Latency at %d msg/s offered: no AOF rewrite (fork of Redis) in that run." % rate
+        fork_ms = 0
+    else:
+        text = ("Latency at %d msg/s offered: Redis rewrites its AOF when it has doubled (from "
+                "64 MB), %.0f time(s) in that run, and each rewrite forks Redis, which stopped it "
+                "for %.1f ms here; %.0f messages arrive meanwhile."
+                % (rate, forks, fork_ms, rate * fork_ms / 1e3))
+    if sat_rate <= rate:
+        return text + (" Offered at or above the saturation rate (%.0f msg/s), the backlog never "
+                       "drains: the p99 is queueing, not latency." % sat_rate)
+    if not forks:
+        return text
+    late = rate * fork_ms / 1e3 * sat_rate / (sat_rate - rate)
+    return text + (" Drained at the %.0f msg/s of headroom left below saturation, they and those "
+                   "arriving while they drain, about %.0f messages per fork, wait longer than "
+                   "usual; for a p99 of 5 ms they must stay under 1%% of the run." % (
+                       sat_rate - rate, late))
+
+
 def floor_note(floor, sat):
     """What the floors prove about the store target, in this run's numbers."""
     labels = [f[0] for f in FLOORS]
@@ -1185,6 +1210,9 @@ def main():
             "%.1f / %.1f / %.1f" % (med(fixed, "p50"), p99, med(fixed, "p999")),
             "p99 <= %d" % T_P99_MS, p99 <= T_P99_MS and kept_up)
         row("store: rate reached at %d msg/s offered" % a.rate, show(fixed, "rate"))
+        notes.append(fork_note(a.rate, s_rate, med(fixed, "fork_ms"), med(fixed, "forks")))
+        row("store: Redis AOF rewrites during the %d msg/s run / the fork's pause of Redis (ms)"
+            % a.rate, "%s / %s" % (show(fixed, "forks"), show(fixed, "fork_ms", "%.1f")))
         p99h = med(halfr, "p99")
         row("store: store->ack p50 / p99 / p99.9 at %d msg/s offered, half the saturation rate "
             "(ms)" % half, "%.1f / %.1f / %.1f" % (med(halfr, "p50"), p99h, med(halfr, "p999")),
