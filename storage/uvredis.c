@@ -26,6 +26,7 @@ static void on_poll(uv_poll_t *h, int status, int events)
     if (!u->ac)
         return;
     if (status < 0) {
+        u->events = 0; /* libuv stopped the handle: the next request must start it again */
         /* Let hiredis find the error itself: a connecting context checks SO_ERROR on write,
          * a connected one sees the failure on read. Either way it calls its callbacks. */
         if (!(u->ac->c.flags & REDIS_CONNECTED))
