@@ -17,6 +17,7 @@
  * the holder's death, while an unreachable server is retried at the 5 s cap. */
 #define BACKOFF_STANDBY_MAX_MS 2000
 #define READ_CHUNK 65536
+#define OUT_KEEP (1u << 20) /* the largest write buffer kept between turns */
 
 typedef enum { ST_IDLE, ST_CONNECTING, ST_OPENING, ST_UP, ST_CLOSED } state_t;
 
@@ -143,14 +144,9 @@ static void on_write(uv_write_t *req, int status)
     free(w);
 }
 
-static void on_flush(uv_prepare_t *p)
+/* Writes what the turn sent, dropping the link if that cannot be done. */
+static void flush_out(link_t *l, size_t len)
 {
-    link_t *l = p->data;
-    uv_prepare_stop(p);
-    size_t len = l->out_len;
-    l->out_len = 0;
-    if (!len || !l->conn || l->conn->closing)
-        return;
     uv_buf_t buf = uv_buf_init(l->out, (unsigned)len);
     int n = uv_try_write((uv_stream_t *)&l->conn->tcp, &buf, 1);
     size_t done = n > 0 ? (size_t)n : 0;
@@ -170,6 +166,21 @@ static void on_flush(uv_prepare_t *p)
     if (uv_write(&w->req, (uv_stream_t *)&l->conn->tcp, &buf, 1, on_write) != 0) {
         free(w);
         link_drop(l, "write failed");
+    }
+}
+
+static void on_flush(uv_prepare_t *p)
+{
+    link_t *l = p->data;
+    uv_prepare_stop(p);
+    size_t len = l->out_len;
+    l->out_len = 0;
+    if (len && l->conn && !l->conn->closing)
+        flush_out(l, len);
+    if (l->out_cap > OUT_KEEP) { /* a burst (a big fetch page): do not keep its buffer */
+        free(l->out);
+        l->out = NULL;
+        l->out_cap = 0;
     }
 }
 

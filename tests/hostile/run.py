@@ -3,7 +3,8 @@
 
 Plays the XEP-0114 server on loopback (checks receiptd's handshake digest), then sends what a
 real server would not: oversize and deeply nested stanzas, malformed addressing and payloads,
-floods from foreign domains, invalid UTF-8, a DTD, a stream error, a socket closed mid-stanza.
+floods from foreign domains, invalid UTF-8, a DTD, a stream error, a socket closed mid-stanza,
+and it stops reading while receiptd answers more than the socket buffers hold.
 Each case checks receiptd's answer (the RFC 6120 condition) or that it dropped the stream and
 attached again, and that it still answers a ping afterwards. At the end receiptd must exit 0 on
 SIGTERM (under ASan that includes no leaks). Needs redis-server; no XMPP server.
@@ -44,11 +45,14 @@ class Link:
         self.depth = 0
         self.stanzas = asyncio.Queue()
         self.closed = asyncio.Event()
+        self.reading = asyncio.Event()  # cleared: the server stops reading (a slow server)
+        self.reading.set()
         self.stream_id = "hostile-%d" % time.monotonic_ns()
 
     async def pump(self):
         try:
             while True:
+                await self.reading.wait()
                 data = await self.reader.read(65536)
                 if not data:
                     break
@@ -278,6 +282,23 @@ async def cases(server, proc):
         await l.nothing_for(1.0, lambda el: el.tag.endswith("presence"))
         await ping_ok(l)
 
+    async def slow_reader():
+        # The server stops reading while receiptd answers a burst of pings with long ids: ~11 MB,
+        # more than the socket buffers hold, so receiptd's writes stop part way and queue. Once
+        # the server reads again every answer must arrive, whole and in order.
+        l = state["link"]
+        l.reading.clear()
+        ids = ["slow%05d-%s" % (i, "x" * 800) for i in range(12000)]
+        l.send("".join(iq(i, "<ping xmlns='urn:xmpp:ping'/>") for i in ids))
+        await asyncio.sleep(3.0)
+        l.reading.set()
+        for n, want in enumerate(ids):
+            el = await l.expect(lambda el: True, "answer %d of %d" % (n + 1, len(ids)), 30)
+            assert el.get("id") == want and el.get("type") == "result", (
+                "answer %d: expected the result of %s, got %s" % (n + 1, want[:10],
+                                                                   ET.tostring(el)[:200]))
+        await ping_ok(l)
+
     async def entities():
         l = state["link"]
         # Internal entities are legal XML but not XMPP; an undefined one is an XML error.
@@ -313,6 +334,7 @@ async def cases(server, proc):
 
     for name, fn in [("oversize", oversize), ("deep-nesting", deep), ("addressing", addressing),
                      ("payloads", payloads), ("foreign-floods", floods),
+                     ("slow-reader", slow_reader),
                      ("undefined-entity", entities), ("invalid-utf8", bad_utf8),
                      ("stream-error", stream_error), ("cut-mid-stanza", cut_mid_stanza)]:
         await case(name, fn)
