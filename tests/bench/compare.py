@@ -17,24 +17,35 @@ import time
 HEAD = "## Before / after"
 
 
+class CompareError(Exception):
+    pass
+
+
 def build_revision(root, rev, say):
     """Exports rev and builds its receiptd; returns (binary path, temp dir, short hash)."""
-    short = subprocess.run(["git", "-C", root, "rev-parse", "--short", rev], check=True,
-                           capture_output=True, text=True).stdout.strip()
+    r = subprocess.run(["git", "-C", root, "rev-parse", "--short", "--verify", rev + "^{commit}"],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise CompareError("%s is not a commit of this repository" % rev)
+    short = r.stdout.strip()
     tmp = tempfile.mkdtemp(prefix="receiptd-bench-baseline-")
     src = os.path.join(tmp, "src")
     os.mkdir(src)
     say("compare: building receiptd at %s in %s" % (short, tmp))
-    archive = subprocess.Popen(["git", "-C", root, "archive", rev], stdout=subprocess.PIPE)
-    subprocess.run(["tar", "-x", "-C", src], stdin=archive.stdout, check=True)
-    if archive.wait() != 0:
-        raise RuntimeError("git archive %s failed" % rev)
-    build = os.path.join(src, "build")
-    for cmd in (["meson", "setup", build, src], ["ninja", "-C", build, "component/receiptd"]):
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise RuntimeError("%s failed:\n%s%s" % (" ".join(cmd), r.stdout[-2000:],
-                                                     r.stderr[-2000:]))
+    try:
+        archive = subprocess.Popen(["git", "-C", root, "archive", rev], stdout=subprocess.PIPE)
+        subprocess.run(["tar", "-x", "-C", src], stdin=archive.stdout, check=True)
+        if archive.wait() != 0:
+            raise CompareError("git archive %s failed" % rev)
+        build = os.path.join(src, "build")
+        for cmd in (["meson", "setup", build, src], ["ninja", "-C", build, "component/receiptd"]):
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                raise CompareError("%s failed:\n%s%s" % (" ".join(cmd), r.stdout[-2000:],
+                                                         r.stderr[-2000:]))
+    except (CompareError, subprocess.CalledProcessError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CompareError("cannot build receiptd at %s: %s" % (rev, e)) from None
     return os.path.join(build, "component", "receiptd"), tmp, short
 
 

@@ -1480,6 +1480,6 @@ def main():
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except BenchError as e:
+    except (BenchError, compare.CompareError) as e:
         print("bench: %s" % e, file=sys.stderr)
         sys.exit(1)
