@@ -20,7 +20,9 @@
     "local ARGV = {select(2, unpack(ARGV))}\n"
 
 /* hmget and bulk send one command for many fields, in slices of 1000 because Redis' Lua 5.1
- * cannot unpack more than about 8000 values into one call. */
+ * cannot unpack more than about 8000 values into one call. purge_many removes messages
+ * ({S, blob, acked list or false} each) with one command per key, taking back the counts of the
+ * devices that had acked them; the other purges are purge_many of one message. */
 #define LUA_HELPERS                                                                                \
     "local function epoch() return EPOCH end\n"                                                    \
     "local function register(P, res)\n"                                                            \
@@ -50,33 +52,6 @@
     "  for _, d in ipairs(known) do if not has(list, d) then return false end end\n"               \
     "  return true\n"                                                                              \
     "end\n"                                                                                        \
-    "local function purge_listed(P, sid, blob, list)\n"                                            \
-    "  if list then\n"                                                                             \
-    "    for d in string.gmatch(list, '[^\\n]+') do\n"                                             \
-    "      redis.call('HINCRBY', P .. ':an', d, -1)\n"                                             \
-    "      redis.call('HINCRBY', P .. ':ab', d, -#blob)\n"                                         \
-    "    end\n"                                                                                    \
-    "    redis.call('HDEL', P .. ':ak', sid)\n"                                                    \
-    "  end\n"                                                                                      \
-    "  redis.call('HDEL', P .. ':m', sid)\n"                                                       \
-    "  redis.call('HDEL', P .. ':pw', sid)\n"                                                      \
-    "  redis.call('ZREM', P .. ':q', sid)\n"                                                       \
-    "  redis.call('DECRBY', P .. ':qb', #blob)\n"                                                  \
-    "  local okey = redis.call('HGET', P .. ':k', sid)\n"                                          \
-    "  if okey then\n"                                                                             \
-    "    redis.call('HDEL', P .. ':o', okey)\n"                                                    \
-    "    redis.call('HDEL', P .. ':k', sid)\n"                                                     \
-    "  end\n"                                                                                      \
-    "end\n"                                                                                        \
-    "local function purge(P, sid, blob)\n"                                                         \
-    "  purge_listed(P, sid, blob, redis.call('HGET', P .. ':ak', sid))\n"                          \
-    "end\n"                                                                                        \
-    "local function purge_if_done(P, sid, blob, known)\n"                                          \
-    "  local list = redis.call('HGET', P .. ':ak', sid)\n"                                         \
-    "  if not list or not all_acked(list, known) then return false end\n"                          \
-    "  purge_listed(P, sid, blob, list)\n"                                                         \
-    "  return true\n"                                                                              \
-    "end\n"                                                                                        \
     "local function hmget(key, fields)\n"                                                          \
     "  local res = {}\n"                                                                           \
     "  for i = 1, #fields, 1000 do\n"                                                              \
@@ -89,6 +64,48 @@
     "  for i = 1, #args, 1000 do\n"                                                                \
     "    redis.call(cmd, key, unpack(args, i, math.min(i + 999, #args)))\n"                        \
     "  end\n"                                                                                      \
+    "end\n"                                                                                        \
+    "local function purge_many(P, msgs)\n"                                                         \
+    "  local gone, listed, bytes, minus, order = {}, {}, 0, {}, {}\n"                              \
+    "  for _, m in ipairs(msgs) do\n"                                                              \
+    "    local sid, blob, list = m[1], m[2], m[3]\n"                                               \
+    "    gone[#gone + 1] = sid\n"                                                                  \
+    "    bytes = bytes + #blob\n"                                                                  \
+    "    if list then\n"                                                                           \
+    "      listed[#listed + 1] = sid\n"                                                            \
+    "      for d in string.gmatch(list, '[^\\n]+') do\n"                                           \
+    "        if not minus[d] then minus[d] = {0, 0}; order[#order + 1] = d end\n"                  \
+    "        minus[d][1] = minus[d][1] + 1\n"                                                      \
+    "        minus[d][2] = minus[d][2] + #blob\n"                                                  \
+    "      end\n"                                                                                  \
+    "    end\n"                                                                                    \
+    "  end\n"                                                                                      \
+    "  if #gone == 0 then return end\n"                                                            \
+    "  for _, d in ipairs(order) do\n"                                                             \
+    "    redis.call('HINCRBY', P .. ':an', d, -minus[d][1])\n"                                     \
+    "    redis.call('HINCRBY', P .. ':ab', d, -minus[d][2])\n"                                     \
+    "  end\n"                                                                                      \
+    "  bulk('HDEL', P .. ':ak', listed)\n"                                                         \
+    "  bulk('HDEL', P .. ':m', gone)\n"                                                            \
+    "  bulk('HDEL', P .. ':pw', gone)\n"                                                           \
+    "  bulk('ZREM', P .. ':q', gone)\n"                                                            \
+    "  redis.call('DECRBY', P .. ':qb', bytes)\n"                                                  \
+    "  local okeys = {}\n"                                                                         \
+    "  for _, o in ipairs(hmget(P .. ':k', gone)) do if o then okeys[#okeys + 1] = o end end\n"    \
+    "  if #okeys > 0 then\n"                                                                       \
+    "    bulk('HDEL', P .. ':o', okeys)\n"                                                         \
+    "    bulk('HDEL', P .. ':k', gone)\n"                                                          \
+    "  end\n"                                                                                      \
+    "end\n"                                                                                        \
+    "local function purge_listed(P, sid, blob, list) purge_many(P, {{sid, blob, list}}) end\n"     \
+    "local function purge(P, sid, blob)\n"                                                         \
+    "  purge_listed(P, sid, blob, redis.call('HGET', P .. ':ak', sid))\n"                          \
+    "end\n"                                                                                        \
+    "local function purge_if_done(P, sid, blob, known)\n"                                          \
+    "  local list = redis.call('HGET', P .. ':ak', sid)\n"                                         \
+    "  if not list or not all_acked(list, known) then return false end\n"                          \
+    "  purge_listed(P, sid, blob, list)\n"                                                         \
+    "  return true\n"                                                                              \
     "end\n"                                                                                        \
     "local function device_offline(P, dev)\n"                                                      \
     "  local known = nil\n"                                                                        \
@@ -202,8 +219,7 @@ static const char ack_lua[] = LUA_PROLOGUE LUA_HELPERS
     "end\n"
     "if #sids == 0 then return out end\n"
     "local blobs, lists = hmget(P .. ':m', sids), hmget(P .. ':ak', sids)\n"
-    "local ends, acks, gone, listed, bytes, n, b = {}, {}, {}, {}, 0, 0, 0\n"
-    "local minus, order = {}, {}\n"
+    "local ends, acks, gone, n, b = {}, {}, {}, 0, 0\n"
     "for i, sid in ipairs(sids) do\n"
     "  local blob, list = blobs[i], lists[i]\n"
     "  if blob then\n"
@@ -216,16 +232,7 @@ static const char ack_lua[] = LUA_PROLOGUE LUA_HELPERS
     "      end\n"
     "      local now_acked = list and (list .. '\\n' .. dev) or dev\n"
     "      if all_acked(now_acked, known) then\n"
-    "        gone[#gone + 1] = sid\n"
-    "        bytes = bytes + #blob\n"
-    "        if list then\n"
-    "          listed[#listed + 1] = sid\n"
-    "          for d in string.gmatch(list, '[^\\n]+') do\n"
-    "            if not minus[d] then minus[d] = {0, 0}; order[#order + 1] = d end\n"
-    "            minus[d][1] = minus[d][1] + 1\n"
-    "            minus[d][2] = minus[d][2] + #blob\n"
-    "          end\n"
-    "        end\n"
+    "        gone[#gone + 1] = {sid, blob, list}\n"
     "      else\n"
     "        acks[#acks + 1] = sid\n"
     "        acks[#acks + 1] = now_acked\n"
@@ -240,22 +247,7 @@ static const char ack_lua[] = LUA_PROLOGUE LUA_HELPERS
     "  redis.call('HINCRBY', P .. ':an', dev, n)\n"
     "  redis.call('HINCRBY', P .. ':ab', dev, b)\n"
     "end\n"
-    "if #gone == 0 then return out end\n"
-    "for _, d in ipairs(order) do\n"
-    "  redis.call('HINCRBY', P .. ':an', d, -minus[d][1])\n"
-    "  redis.call('HINCRBY', P .. ':ab', d, -minus[d][2])\n"
-    "end\n"
-    "bulk('HDEL', P .. ':ak', listed)\n"
-    "bulk('HDEL', P .. ':m', gone)\n"
-    "bulk('HDEL', P .. ':pw', gone)\n"
-    "bulk('ZREM', P .. ':q', gone)\n"
-    "redis.call('DECRBY', P .. ':qb', bytes)\n"
-    "local okeys = {}\n"
-    "for _, o in ipairs(hmget(P .. ':k', gone)) do if o then okeys[#okeys + 1] = o end end\n"
-    "if #okeys > 0 then\n"
-    "  bulk('HDEL', P .. ':o', okeys)\n"
-    "  bulk('HDEL', P .. ':k', gone)\n"
-    "end\n"
+    "purge_many(P, gone)\n"
     "return out\n";
 
 /* KEYS: P. ARGV: user, resource. A push to the resource bounced: it is gone, and its pending
