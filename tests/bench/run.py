@@ -516,19 +516,19 @@ PUT_ARGV = ["1", "r__rand_int__@localhost", "alice@localhost", "m__rand_int____r
             "0a0b0c0d", BENCH_BLOB, "1", "1764052406123", "5000", "30000", "86400", "100000000",
             "100000000000"]
 
-# The floor: what Redis alone does per message on this machine for stores far cheaper than
+# The floors: what Redis alone does per message on this machine for stores far cheaper than
 # receiptd's, each driven by redis-benchmark like the ceiling, with the same arguments (ARGV[1]
-# the epoch, ARGV[5] the id suffix, ARGV[6] the blob). No data model that keeps a message in
-# Redis can cost less than these.
+# the epoch, ARGV[5] the id suffix, ARGV[6] the blob). (key, label, Lua source or None for a
+# plain HSET without a script).
 FLOORS = [
-    ("a script call carrying the message, no command", "return 1"),
-    ("a script storing the blob: one HSET",
+    ("call", "a script call carrying the message, no command", "return 1"),
+    ("hset", "a script storing the blob: one HSET",
      "redis.call('HSET', KEYS[1] .. ':m', ARGV[4] .. ARGV[5], ARGV[6]) return 1"),
-    ("a script keeping an ordered queue: INCR seq, HSET blob, ZADD",
+    ("queue", "a script keeping an ordered queue: INCR seq, HSET blob, ZADD",
      "local seq = redis.call('INCR', KEYS[1] .. ':seq') local sid = seq .. '-' .. ARGV[5] "
      "redis.call('HSET', KEYS[1] .. ':m', sid, ARGV[6]) "
      "redis.call('ZADD', KEYS[1] .. ':q', seq, sid) return sid"),
-    ("no script: one pipelined HSET of the blob", None),
+    ("plain", "no script: one pipelined HSET of the blob", None),
 ]
 
 
@@ -1029,7 +1029,6 @@ def fork_note(rate, sat_rate, fork_ms, forks):
     """What an AOF rewrite does to the latency at the offered rate, in this run's numbers."""
     if not forks:
         text = "Latency at %d msg/s offered: no AOF rewrite (fork of Redis) in that run." % rate
-        fork_ms = 0
     else:
         text = ("Latency at %d msg/s offered: Redis rewrites its AOF when it has doubled (from "
                 "64 MB), %.0f time(s) in that run, and each rewrite forks Redis, which stopped it "
@@ -1049,8 +1048,7 @@ def fork_note(rate, sat_rate, fork_ms, forks):
 
 def floor_note(floor, sat):
     """What the floors prove about the store target, in this run's numbers."""
-    labels = [f[0] for f in FLOORS]
-    queue, plain = med(floor[labels[2]], 0), med(floor[labels[3]], 0)
+    queue, plain = med(floor["queue"], 0), med(floor["plain"], 0)
     text = ("The floors are stores far simpler than receiptd's, run like the ceiling. Keeping "
             "each message in an ordered per-user queue with one script call (INCR, HSET, ZADD; "
             "no dedupe, no quota, no per-device state, no index) reaches %.0f msg/s on one Redis "
@@ -1066,7 +1064,7 @@ def floor_note(floor, sat):
                  "us (libstrophe's parse and serialization included) %.1f cores, of the "
                  "machine's %d; even with the plain HSET, Redis would take %.1f more."
                  % (T_STORE, gen, gen * T_STORE / 1e6, rd, rd * T_STORE / 1e6, os.cpu_count(),
-                    med(floor[labels[3]], 1) * T_STORE / 1e6))
+                    med(floor["plain"], 1) * T_STORE / 1e6))
     return text
 
 
@@ -1319,10 +1317,10 @@ def main():
         say("floor: %d runs of redis-benchmark for each of %d cheaper stores" % (
             a.runs, len(FLOORS)))
         floor = {}
-        for label, src in FLOORS:
-            floor[label] = [redis_bench(a.n, a.fsync, src) for _ in range(a.runs)]
+        for key, label, src in FLOORS:
+            floor[key] = [redis_bench(a.n, a.fsync, src) for _ in range(a.runs)]
             row("floor: %s (calls/s; Redis CPU us per call)" % label, "%s; %s" % (
-                show(floor[label], 0), show(floor[label], 1, "%.1f")))
+                show(floor[key], 0), show(floor[key], 1, "%.1f")))
         # What the ceiling and the floors prove, in this run's own numbers.
         if c_rate:
             notes.append(
