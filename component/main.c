@@ -291,10 +291,16 @@ int main(int argc, char **argv)
         return 1;
     }
 
-    store_config_t scfg = {
-        d->cfg.redis_host,     d->cfg.redis_port,          d->cfg.redis_socket,
-        d->cfg.redis_password, d->cfg.redis_max_inflight,  (unsigned)d->cfg.redis_timeout_ms,
-        d->cfg.redis_cluster,  d->cfg.redis_wait_replicas, (unsigned)d->cfg.redis_wait_timeout_ms};
+    store_config_t scfg = {d->cfg.redis_host,
+                           d->cfg.redis_port,
+                           d->cfg.redis_socket,
+                           d->cfg.redis_password,
+                           d->cfg.redis_max_inflight,
+                           (unsigned)d->cfg.redis_timeout_ms,
+                           d->cfg.redis_cluster,
+                           d->cfg.redis_wait_replicas,
+                           (unsigned)d->cfg.redis_wait_timeout_ms,
+                           (unsigned)d->cfg.dedupe_s};
     link_config_t lcfg = {d->cfg.server_host, d->cfg.server_port,      d->cfg.jid,
                           d->cfg.secret,      d->cfg.max_stanza_bytes, 64u << 20};
     link_callbacks_t lcb = {on_link_up, on_link_down, on_link_stanza};

@@ -36,6 +36,7 @@ static void put_start(put_ctx_t *pc);
 static void put_cold(put_ctx_t *pc);
 static cold_user_t *cold_find(daemon_t *d, const char *user);
 static void cold_restore(daemon_t *d, cold_user_t *c);
+static void on_cold_restored(void *ud, int err);
 static void cold_remove_keep(daemon_t *d, cold_user_t *c);
 
 /* Pushes one stored message to each online resource of user, from the relay address of the
@@ -166,12 +167,18 @@ static void cold_insert(cold_user_t *c, put_ctx_t *pc)
         c->tail = pc;
 }
 
-static void on_put_evicted(void *ud, int err, archive_put_status_t status, const char *sid)
+static void on_put_evicted(void *ud, int err, archive_put_status_t status, const char *sid,
+                           uint64_t seq)
 {
     cold_user_t *c = ud;
     daemon_t *d = c->head->d;
     if (!err && status == ARCHIVE_PUT_NOT_EVICTED) {
-        cold_restore(d, c);
+        /* The archive's answer is the state to create: no second trip there (tiers_restore). */
+        store_user_state_t st = {c->user, seq, NULL, 0, seq > 0};
+        int rc = d->store ? store_restore(d->store, &st, daemon_now_ms(), on_cold_restored, c)
+                          : STORE_EDOWN;
+        if (rc < 0)
+            on_cold_restored(c, rc);
         return;
     }
     put_ctx_t *pc = cold_pop(c);
@@ -326,7 +333,6 @@ static void put_start(put_ctx_t *pc)
         .now_ms = daemon_now_ms(),
         .retry_ms = d->cfg.retry_ms,
         .window_ms = d->cfg.window_ms,
-        .dedupe_s = d->cfg.dedupe_s,
         .max_messages = d->cfg.max_offline_messages,
         .max_bytes = d->cfg.max_offline_bytes,
     };

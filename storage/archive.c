@@ -486,7 +486,7 @@ static int run_put_evicted(job_t *j)
     int rc = sqlite3_step(s);
     if (rc == SQLITE_DONE) {
         j->count = ARCHIVE_PUT_NOT_EVICTED;
-        return 0;
+        return max_seq(j, &j->seq);
     }
     if (rc != SQLITE_ROW)
         return -1;
@@ -699,8 +699,9 @@ static void deliver(job_t *j)
         break;
     }
     case J_PUT_EVICTED:
-        ((archive_put_cb)j->cb)(
-            j->ud, err, err ? ARCHIVE_PUT_NOT_EVICTED : (archive_put_status_t)j->count, j->cursor);
+        ((archive_put_cb)j->cb)(j->ud, err,
+                                err ? ARCHIVE_PUT_NOT_EVICTED : (archive_put_status_t)j->count,
+                                j->cursor, j->seq);
         break;
     }
     free(items);

@@ -76,13 +76,16 @@ int archive_evict(archive_t *a, const store_user_state_t *state, const archive_m
 typedef void (*archive_state_cb)(void *ud, int err, const store_user_state_t *state);
 int archive_restore(archive_t *a, const char *user, archive_state_cb cb, void *ud);
 /* A message for a user who may be evicted: stored here directly if so (with the next seq of the
- * user, deduplicated by origin when origin is set), else nothing happens. */
+ * user, deduplicated by origin when origin is set), else nothing happens and seq is the highest
+ * seq archived for the user: the state to create in Redis, as archive_restore would return it
+ * (no devices, archived = seq > 0), so a new user's first message costs one trip here, not two. */
 typedef enum {
     ARCHIVE_PUT_NOT_EVICTED,
     ARCHIVE_PUT_STORED,
     ARCHIVE_PUT_DUP,
 } archive_put_status_t;
-typedef void (*archive_put_cb)(void *ud, int err, archive_put_status_t status, const char *sid);
+typedef void (*archive_put_cb)(void *ud, int err, archive_put_status_t status, const char *sid,
+                               uint64_t seq);
 int archive_put_evicted(archive_t *a, const char *user, const archive_msg_t *msg,
                         const char *suffix, archive_put_cb cb, void *ud);
 

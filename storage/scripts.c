@@ -12,17 +12,26 @@
 /* Shared by the scripts that need them. The epoch is read here, not passed in, so that every
  * receiptd instance sharing this Redis agrees on it: any instance's re-attach makes all earlier
  * presence unverified for all of them. */
-/* Every script gets the caller's link epoch as ARGV[1] (storage/store.c adds it) and sees the rest
- * of its arguments as ARGV[1..]: no script reads a key it was not given, which Redis Cluster
- * requires. */
+/* Every script gets the caller's link epoch and dedupe window (ms) as ARGV[1] and ARGV[2]
+ * (storage/store.c adds them) and sees the rest of its arguments as ARGV[1..]: no script reads a
+ * key it was not given, which Redis Cluster requires. */
 #define LUA_PROLOGUE                                                                               \
-    "local EPOCH = ARGV[1]\n"                                                                      \
-    "local ARGV = {select(2, unpack(ARGV))}\n"
+    "local EPOCH, DEDUPE_MS = ARGV[1], tonumber(ARGV[2])\n"                                        \
+    "local ARGV = {select(3, unpack(ARGV))}\n"
 
 /* hmget and bulk send one command for many fields, in slices of 1000 because Redis' Lua 5.1
  * cannot unpack more than about 8000 values into one call. purge_many removes messages
  * ({S, blob, acked list or false} each) with one command per key, taking back the counts of the
- * devices that had acked them; the other purges are purge_many of one message. */
+ * devices that had acked them; the other purges are purge_many of one message.
+ *
+ * Dedupe: a queued message is found by its origin ("<sender bare> <original id>", read from the
+ * blob's header, so nothing per message stores it twice) in P:o. When it is purged its origin
+ * goes into the dedupe mark of the current window, P:dd:<now / window>, one hash per window that
+ * expires two windows after it began: a put checks its own window's mark and the previous one,
+ * so a purged message stays known for at least a window. Writing the marks at purge time, in
+ * bulk, rather than a key with a TTL per put, is what keeps a put cheap. P:dd:<origin> strings
+ * (one per message, with a TTL) and P:k are what earlier versions wrote; a put still honours the
+ * first and a purge deletes the second, until they are gone. */
 #define LUA_HELPERS                                                                                \
     "local function epoch() return EPOCH end\n"                                                    \
     "local function register(P, res)\n"                                                            \
@@ -65,11 +74,39 @@
     "    redis.call(cmd, key, unpack(args, i, math.min(i + 999, #args)))\n"                        \
     "  end\n"                                                                                      \
     "end\n"                                                                                        \
+    "local function origin_of(blob)\n"                                                             \
+    "  local fl, lf, lt, li, at = string.match(blob, '^1 %-?%d+ (%d+) (%d+) (%d+) (%d+)\\n()')\n"  \
+    "  if not at or tonumber(fl) % 2 == 0 or li == '0' then return nil end\n"                      \
+    "  lf, lt, li = tonumber(lf), tonumber(lt), tonumber(li)\n"                                    \
+    "  local from = string.sub(blob, at, at + lf - 1)\n"                                           \
+    "  local id = string.sub(blob, at + lf + lt, at + lf + lt + li - 1)\n"                         \
+    "  return string.match(from, '^[^/]*') .. ' ' .. id\n"                                         \
+    "end\n"                                                                                        \
+    "local function window_now()\n"                                                                \
+    "  local t = redis.call('TIME')\n"                                                             \
+    "  return math.floor((tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)) / "           \
+    "DEDUPE_MS)\n"                                                                                 \
+    "end\n"                                                                                        \
+    "local function dedupe_seen(P, okey)\n"                                                        \
+    "  local prev = redis.call('HGET', P .. ':o', okey)\n"                                         \
+    "  if prev then return prev end\n"                                                             \
+    "  local w = window_now()\n"                                                                   \
+    "  prev = redis.call('HGET', P .. ':dd:' .. w, okey) or\n"                                     \
+    "         redis.call('HGET', P .. ':dd:' .. (w - 1), okey)\n"                                  \
+    "  if prev then return prev end\n"                                                             \
+    "  return redis.call('GET', P .. ':dd:' .. okey)\n"                                            \
+    "end\n"                                                                                        \
     "local function purge_many(P, msgs)\n"                                                         \
-    "  local gone, listed, bytes, minus, order = {}, {}, 0, {}, {}\n"                              \
+    "  local gone, listed, bytes, minus, order, okeys, marks = {}, {}, 0, {}, {}, {}, {}\n"        \
     "  for _, m in ipairs(msgs) do\n"                                                              \
     "    local sid, blob, list = m[1], m[2], m[3]\n"                                               \
     "    gone[#gone + 1] = sid\n"                                                                  \
+    "    local o = origin_of(blob)\n"                                                              \
+    "    if o then\n"                                                                              \
+    "      okeys[#okeys + 1] = o\n"                                                                \
+    "      marks[#marks + 1] = o\n"                                                                \
+    "      marks[#marks + 1] = sid\n"                                                              \
+    "    end\n"                                                                                    \
     "    bytes = bytes + #blob\n"                                                                  \
     "    if list then\n"                                                                           \
     "      listed[#listed + 1] = sid\n"                                                            \
@@ -90,12 +127,12 @@
     "  bulk('HDEL', P .. ':pw', gone)\n"                                                           \
     "  bulk('ZREM', P .. ':q', gone)\n"                                                            \
     "  redis.call('DECRBY', P .. ':qb', bytes)\n"                                                  \
-    "  local okeys = {}\n"                                                                         \
-    "  for _, o in ipairs(hmget(P .. ':k', gone)) do if o then okeys[#okeys + 1] = o end end\n"    \
-    "  if #okeys > 0 then\n"                                                                       \
-    "    bulk('HDEL', P .. ':o', okeys)\n"                                                         \
-    "    bulk('HDEL', P .. ':k', gone)\n"                                                          \
-    "  end\n"                                                                                      \
+    "  bulk('HDEL', P .. ':k', gone)\n"                                                            \
+    "  if #okeys == 0 then return end\n"                                                           \
+    "  bulk('HDEL', P .. ':o', okeys)\n"                                                           \
+    "  local w = window_now()\n"                                                                   \
+    "  bulk('HSET', P .. ':dd:' .. w, marks)\n"                                                    \
+    "  redis.call('PEXPIREAT', P .. ':dd:' .. w, (w + 2) * DEDUPE_MS, 'NX')\n"                     \
     "end\n"                                                                                        \
     "local function purge_listed(P, sid, blob, list) purge_many(P, {{sid, blob, list}}) end\n"     \
     "local function purge(P, sid, blob)\n"                                                         \
@@ -154,7 +191,7 @@
 /* KEYS: P, and on a single Redis also the user's index shard (due, online, arch, act), which it
  * then keeps up to date itself; in a cluster those are in another slot and the caller sends
  * index_put first. ARGV: user, sender, orig id ('' = none), suffix, blob, track (1 = receipt
- * requested: dedupe and keep pending), now, retry_ms, window_ms, dedupe_s, max_n, max_b.
+ * requested: dedupe and keep pending), now, retry_ms, window_ms, max_n, max_b.
  * Returns {'dup', S} | {'full'} | {'live', S or '', resource...} | {'offline', S} | {'cold'}:
  * the user has no state here (new, or evicted to the archive); the caller restores it first. */
 static const char put_lua[] = LUA_PROLOGUE LUA_HELPERS
@@ -164,13 +201,13 @@ static const char put_lua[] = LUA_PROLOGUE LUA_HELPERS
     "local okey = nil\n"
     "if track and oid ~= '' then\n"
     "  okey = sender .. ' ' .. oid\n"
-    "  local prev = redis.call('GET', P .. ':dd:' .. okey)\n"
+    "  local prev = dedupe_seen(P, okey)\n"
     "  if prev then return {'dup', prev} end\n"
     "end\n"
     "local res = online(P)\n"
     "if #res > 0 and not track then return {'live', '', unpack(res)} end\n"
     "local b = tonumber(redis.call('GET', P .. ':qb') or '0')\n"
-    "if redis.call('ZCARD', P .. ':q') >= tonumber(ARGV[11]) or b + #blob > tonumber(ARGV[12]) "
+    "if redis.call('ZCARD', P .. ':q') >= tonumber(ARGV[10]) or b + #blob > tonumber(ARGV[11]) "
     "then\n"
     "  return {'full'}\n"
     "end\n"
@@ -179,11 +216,7 @@ static const char put_lua[] = LUA_PROLOGUE LUA_HELPERS
     "redis.call('HSET', P .. ':m', sid, blob)\n"
     "redis.call('ZADD', P .. ':q', seq, sid)\n"
     "redis.call('INCRBY', P .. ':qb', #blob)\n"
-    "if okey then\n"
-    "  redis.call('SET', P .. ':dd:' .. okey, sid, 'EX', ARGV[10])\n"
-    "  redis.call('HSET', P .. ':o', okey, sid)\n"
-    "  redis.call('HSET', P .. ':k', sid, okey)\n"
-    "end\n"
+    "if okey then redis.call('HSET', P .. ':o', okey, sid) end\n"
     "if #KEYS == 5 then\n"
     "  redis.call('ZADD', KEYS[4], 'NX', now, user)\n"
     "  redis.call('ZADD', KEYS[5], 'NX', now, user)\n"
@@ -384,7 +417,7 @@ static const char fetch_lua[] = LUA_PROLOGUE LUA_HELPERS LUA_VIEW
  * their delivery window, oldest first, stopping at the first younger one. Marks the user as
  * having an archive (P:ar) before anything is copied, so acks from now on also go to the archive.
  * Returns {S, blob, acked, origin, ...}; nothing is removed here. */
-static const char archive_take_lua[] = LUA_PROLOGUE LUA_STAMP
+static const char archive_take_lua[] = LUA_PROLOGUE LUA_HELPERS LUA_STAMP
     "local P, cutoff, now = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])\n"
     "local msgs = {}\n"
     "for _, sid in ipairs(redis.call('ZRANGE', P .. ':q', 0, tonumber(ARGV[3]) - 1)) do\n"
@@ -395,7 +428,7 @@ static const char archive_take_lua[] = LUA_PROLOGUE LUA_STAMP
     "  msgs[#msgs + 1] = sid\n"
     "  msgs[#msgs + 1] = blob\n"
     "  msgs[#msgs + 1] = redis.call('HGET', P .. ':ak', sid) or ''\n"
-    "  msgs[#msgs + 1] = redis.call('HGET', P .. ':k', sid) or ''\n"
+    "  msgs[#msgs + 1] = blob and origin_of(blob) or ''\n"
     "end\n"
     "if #msgs > 0 then redis.call('SET', P .. ':ar', '1') end\n"
     "return msgs\n";
@@ -455,9 +488,10 @@ static const char evict_take_lua[] = LUA_PROLOGUE LUA_HELPERS
     "for i = 1, math.min(#sids, per) do\n"
     "  local sid = sids[i]\n"
     "  msgs[#msgs + 1] = sid\n"
-    "  msgs[#msgs + 1] = redis.call('HGET', P .. ':m', sid) or ''\n"
+    "  local blob = redis.call('HGET', P .. ':m', sid) or ''\n"
+    "  msgs[#msgs + 1] = blob\n"
     "  msgs[#msgs + 1] = redis.call('HGET', P .. ':ak', sid) or ''\n"
-    "  msgs[#msgs + 1] = redis.call('HGET', P .. ':k', sid) or ''\n"
+    "  msgs[#msgs + 1] = origin_of(blob) or ''\n"
     "end\n"
     "redis.call('SET', P .. ':ar', '1')\n"
     "return {redis.call('GET', P .. ':seq') or '0', redis.call('HGETALL', P .. ':dev'),\n"

@@ -97,6 +97,8 @@ int store_create(uv_loop_t *loop, const store_config_t *cfg, store_state_cb on_s
     }
     st->loop = loop;
     store_set_epoch(st, "0");
+    snprintf(st->dedupe, sizeof st->dedupe, "%" PRIu64,
+             (uint64_t)(cfg->dedupe_s ? cfg->dedupe_s : 86400) * 1000);
     st->port = cfg->port;
     st->timeout_ms = cfg->timeout_ms ? cfg->timeout_ms : 5000;
     st->max_inflight = cfg->max_inflight ? cfg->max_inflight : 10000;
@@ -664,13 +666,15 @@ static void cmd_push(cmd_t *c, const char *s, size_t n)
     c->lens[c->argc++] = n;
 }
 
-/* The epoch goes right after the script's keys, whatever the caller adds next. */
+/* The epoch and the dedupe window go right after the script's keys, whatever the caller adds
+ * next. */
 static void cmd_epoch(cmd_t *c)
 {
     if (c->epoch && c->argc == 3 + c->nkeys) {
         const char *e = c->epoch;
         c->epoch = NULL;
         cmd_push(c, e, strlen(e));
+        cmd_push(c, c->dedupe, strlen(c->dedupe));
     }
 }
 
@@ -702,6 +706,7 @@ void store_cmd_evalsha(cmd_t *c, store_t *st, store_script_t s, int nkeys)
     store_cmd_add_num(c, nkeys);
     c->nkeys = nkeys;
     c->epoch = st->epoch;
+    c->dedupe = st->dedupe;
 }
 
 void store_cmd_add_index(cmd_t *c, unsigned shard, char keys[4][INDEX_KEY_MAX])
@@ -767,7 +772,6 @@ int store_put_message(store_t *st, const store_put_t *p, store_put_cb cb, void *
     store_cmd_add_num(&c, p->now_ms);
     store_cmd_add_num(&c, p->retry_ms);
     store_cmd_add_num(&c, p->window_ms);
-    store_cmd_add_num(&c, p->dedupe_s);
     store_cmd_add_num(&c, (int64_t)p->max_messages);
     store_cmd_add_num(&c, (int64_t)p->max_bytes);
     return store_send(st, rq, &c);

@@ -38,6 +38,8 @@ typedef struct store_config {
     unsigned wait_replicas;
     /* ... for at most this long (0: 1000); a put they did not confirm fails with STORE_EDOWN. */
     unsigned wait_timeout_ms;
+    /* A message is stored once per (sender, original id) for at least this long. 0: 86400. */
+    unsigned dedupe_s;
 } store_config_t;
 
 /* connected: 1 when (re)connected and scripts are loaded (in a cluster: on every master, with
@@ -75,7 +77,7 @@ typedef struct store_put {
     size_t blob_len;
     bool track; /* receipt requested: dedupe, keep pending until acked */
     int64_t now_ms;
-    int64_t retry_ms, window_ms, dedupe_s;
+    int64_t retry_ms, window_ms;
     uint64_t max_messages, max_bytes;
 } store_put_t;
 

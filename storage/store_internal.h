@@ -36,8 +36,9 @@ struct store {
     char sha[STORE_SCRIPT_COUNT][41];
     store_state_cb on_state;
     void *ud;
-    char epoch[24]; /* the link epoch every script gets as its first argument */
-    bool cluster;   /* Redis Cluster (storage/cluster.c): no script may touch two slots */
+    char epoch[24];  /* the link epoch every script gets as its first argument */
+    char dedupe[24]; /* and the dedupe window in ms, its second (storage/scripts.c) */
+    bool cluster;    /* Redis Cluster (storage/cluster.c): no script may touch two slots */
     struct rconn *single;
     struct cluster *cl;
     index_batch_t ixb[STORE_SHARDS];
@@ -131,7 +132,8 @@ typedef struct cmd {
     char nums[8][24];
     int nnums;
     int nkeys;
-    const char *epoch; /* still to add after the keys; NULL once added (or not a script) */
+    const char *epoch;  /* still to add after the keys; NULL once added (or not a script) */
+    const char *dedupe; /* added with the epoch */
 } cmd_t;
 
 #define PREFIX_MAX 3200
@@ -142,7 +144,8 @@ void store_req_free(req_t *rq); /* NULL is fine */
 void store_cmd_add(cmd_t *c, const char *s);
 void store_cmd_add_bin(cmd_t *c, const char *s, size_t n);
 void store_cmd_add_num(cmd_t *c, int64_t v);
-/* EVALSHA of script s with nkeys keys; the epoch goes in as the first argument after them. */
+/* EVALSHA of script s with nkeys keys; the epoch and the dedupe window go in as the first two
+ * arguments after them. */
 void store_cmd_evalsha(cmd_t *c, store_t *st, store_script_t s, int nkeys);
 /* Adds the four index keys of a shard (due, online, arch, act); keys points at 4 buffers. */
 void store_cmd_add_index(cmd_t *c, unsigned shard, char keys[4][INDEX_KEY_MAX]);

@@ -585,11 +585,16 @@ class Ctx:
             await asyncio.sleep(0.01)
         s = self.senders[0]
         m = next(m for m in s.msgs.values() if m.sids)
-        key = "rd:{%s}:dd:%s %s" % (m.to, s.bare, m.mid)
-        await self.sync(self.stack.key_command, key, "DEL", key)
+        # What dedupe knows of it: P:o while queued, then the mark of the window it was purged in
+        # (storage/scripts.c; this run's dedupe_window is a day).
+        origin = "%s %s" % (s.bare, m.mid)
+        window = int(time.time() * 1000) // 86400000
+        p = "rd:{%s}" % m.to
+        for key in (p + ":o", "%s:dd:%d" % (p, window), "%s:dd:%d" % (p, window - 1)):
+            await self.sync(self.stack.key_command, key, "HDEL", key, origin)
         s.outstanding[m.mid] = m
         m.next_at = now()
-        self.say("SABOTAGE: deleted dedupe key %r and resent %s", key, m.mid)
+        self.say("SABOTAGE: deleted what dedupe knew of %r and resent %s", origin, m.mid)
 
     # ------------------------------------------------------------------ final check
     async def settle_and_check(self, deadline_s=30):

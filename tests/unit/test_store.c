@@ -1,6 +1,8 @@
 /* storage/ against a real redis-server (tests/unit/with-redis.sh starts one and sets
  * REDIS_PORT). Each step runs the loop until its callback has run. */
+#include <hiredis/hiredis.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -58,9 +60,11 @@ static int put(const char *user, const char *sender, const char *id, bool track,
                int64_t now)
 {
     proto_buf_t b;
+    char from[128];
+    snprintf(from, sizeof from, "%s/phone", sender); /* the origin is read back from the blob */
     proto_buf_init(&b);
-    store_blob_encode(&b, now, track ? STORE_BLOB_RECEIPT : 0, "alice@t1/phone", "chat", id,
-                      "<body>x</body>", 14);
+    store_blob_encode(&b, now, track ? STORE_BLOB_RECEIPT : 0, from, "chat", id, "<body>x</body>",
+                      14);
     store_put_t req = {.user = user,
                        .sender = sender,
                        .orig_id = id,
@@ -70,7 +74,6 @@ static int put(const char *user, const char *sender, const char *id, bool track,
                        .now_ms = now,
                        .retry_ms = 100,
                        .window_ms = 1000,
-                       .dedupe_s = 60,
                        .max_messages = max_n,
                        .max_bytes = 1 << 20};
     int rc = store_put_message(st, &req, on_put, NULL);
@@ -492,7 +495,7 @@ static void test_ack_many(void)
 /* ---- the archive ---- */
 static store_old_t old_users[4];
 static store_old_msg_t old_msgs[16];
-static char old_store[16][3][128], old_user[4][64];
+static char old_store[16][4][128], old_user[4][64];
 static size_t old_n;
 static size_t old_k;
 static void on_old(void *ud, int err, const store_old_t *user, bool last)
@@ -516,18 +519,22 @@ static void on_old(void *ud, int err, const store_old_t *user, bool last)
         snprintf(old_store[old_k][0], 128, "%s", m->sid);
         memcpy(old_store[old_k][1], m->blob, m->blob_len < 127 ? m->blob_len : 127);
         snprintf(old_store[old_k][2], 128, "%s", m->acked);
+        snprintf(old_store[old_k][3], 128, "%s", m->origin);
         old_msgs[old_k] = (store_old_msg_t){old_store[old_k][0], old_store[old_k][1], m->blob_len,
-                                            old_store[old_k][2], ""};
+                                            old_store[old_k][2], old_store[old_k][3]};
     }
     old_n++;
 }
 
 static archive_put_status_t put_evicted_status;
 static char put_evicted_sid[64];
-static void on_put_evicted(void *ud, int err, archive_put_status_t status, const char *sid)
+static uint64_t put_evicted_seq;
+static void on_put_evicted(void *ud, int err, archive_put_status_t status, const char *sid,
+                           uint64_t seq)
 {
     (void)ud;
     put_evicted_status = err ? (archive_put_status_t)-1 : status;
+    put_evicted_seq = seq;
     snprintf(put_evicted_sid, sizeof put_evicted_sid, "%s", sid ? sid : "");
     done = 1;
 }
@@ -546,6 +553,83 @@ static void on_archived(void *ud, int err)
 
 /* Old messages move to SQLite (take -> put -> drop) and stay readable and acknowledgeable per
  * device there; a repeated move duplicates nothing; the schema survives a reopen. */
+/* Runs one command on the single Redis, beside the store (NULL in a cluster: the test's keys
+ * would need routing). The reply is freed by the caller. */
+static redisReply *raw(const char *fmt, ...)
+{
+    const char *port = getenv("REDIS_PORT");
+    if (!port || getenv("CLUSTER_PORTS"))
+        return NULL;
+    redisContext *c = redisConnect("127.0.0.1", atoi(port));
+    if (!c || c->err) {
+        redisFree(c);
+        return NULL;
+    }
+    const char *pw = getenv("REDIS_PASSWORD");
+    if (pw)
+        freeReplyObject(redisCommand(c, "AUTH %s", pw));
+    va_list ap;
+    va_start(ap, fmt);
+    redisReply *r = redisvCommand(c, fmt, ap);
+    va_end(ap);
+    redisFree(c);
+    return r;
+}
+
+/* Dedupe outlives the message: once purged, its origin is in the current window's mark (a hash
+ * with a TTL), and a repeat is answered with the first stanza id. Marks of earlier versions (a
+ * string per message) still count, and their P:k entries go with the purge. */
+static void test_dedupe_marks(void)
+{
+    const char *gil = "gil@t1", *alice = "alice@t1";
+    const store_device_t g = {gil, "g", 1};
+    CHECK(put(gil, alice, "d1", true, 100, 1000) == 0);
+    CHECK(put_res.status == STORE_PUT_OFFLINE);
+    char first[64];
+    snprintf(first, sizeof first, "%s", put_sid);
+    CHECK(ack_ids(&g, first) == 1);
+    CHECK(summary_count(&g) == 0); /* purged: f is the only known device */
+    CHECK(put(gil, alice, "d1", true, 100, 2000) == 0);
+    CHECK(put_res.status == STORE_PUT_DUP);
+    CHECK_STR(put_sid, first);
+    /* Another sender's same id is another message. */
+    CHECK(put(gil, "bob@t1", "d1", true, 100, 2001) == 0);
+    CHECK(put_res.status == STORE_PUT_OFFLINE);
+    CHECK(ack_ids(&g, put_sid) == 1);
+
+    redisReply *r = raw("KEYS rd:{%s}:dd:*", gil);
+    if (!r)
+        return; /* a cluster: the rest needs the raw connection */
+    CHECK(r->type == REDIS_REPLY_ARRAY && r->elements == 1);
+    if (r->type == REDIS_REPLY_ARRAY && r->elements == 1) {
+        redisReply *t = raw("PTTL %s", r->element[0]->str);
+        /* At least one window (86400 s by default) left, at most two. */
+        CHECK(t && t->type == REDIS_REPLY_INTEGER && t->integer > 86400000LL &&
+              t->integer <= 2 * 86400000LL);
+        freeReplyObject(t);
+        redisReply *n = raw("HLEN %s", r->element[0]->str);
+        CHECK(n && n->type == REDIS_REPLY_INTEGER && n->integer == 2);
+        freeReplyObject(n);
+    }
+    freeReplyObject(r);
+
+    char legacy[128];
+    snprintf(legacy, sizeof legacy, "rd:{%s}:dd:%s d9", gil, alice);
+    freeReplyObject(raw("SET %s 7-legacy EX 60", legacy));
+    CHECK(put(gil, alice, "d9", true, 100, 3000) == 0);
+    CHECK(put_res.status == STORE_PUT_DUP);
+    CHECK_STR(put_sid, "7-legacy");
+    CHECK(put(gil, alice, "d2", true, 100, 3001) == 0);
+    CHECK(put_res.status == STORE_PUT_OFFLINE);
+    char second[64];
+    snprintf(second, sizeof second, "%s", put_sid);
+    freeReplyObject(raw("HSET rd:{%s}:k %s %s", gil, second, "alice@t1 d2"));
+    CHECK(ack_ids(&g, second) == 1);
+    r = raw("EXISTS rd:{%s}:k rd:{%s}:o", gil, gil);
+    CHECK(r && r->type == REDIS_REPLY_INTEGER && r->integer == 0);
+    freeReplyObject(r);
+}
+
 static void test_archive(void)
 {
     const char *eve = "eve@t1", *alice = "alice@t1";
@@ -576,6 +660,7 @@ static void test_archive(void)
     CHECK(mine != (size_t)-1 && old_users[mine].n == 2);
     CHECK_STR(old_users[mine].msgs[1].sid, sids[1]);
     CHECK_STR(old_users[mine].msgs[0].acked, "e2");
+    CHECK_STR(old_users[mine].msgs[1].origin, "alice@t1 ar1"); /* for receipts from the archive */
     archive_msg_t msgs[2];
     const char *drop[2];
     for (int i = 0; i < 2; i++) {
@@ -738,7 +823,11 @@ static void test_evict(void)
     run_until_done();
     CHECK(archive_put_evicted(a, fay, &m, "ee", on_put_evicted, NULL) == 0);
     run_until_done();
-    CHECK(put_evicted_status == ARCHIVE_PUT_NOT_EVICTED);
+    /* Not evicted any more: with the state a restore would create (fay's archive ends at 3). */
+    CHECK(put_evicted_status == ARCHIVE_PUT_NOT_EVICTED && put_evicted_seq == 3);
+    CHECK(archive_put_evicted(a, "nobody@t1", &m, "ff", on_put_evicted, NULL) == 0);
+    run_until_done();
+    CHECK(put_evicted_status == ARCHIVE_PUT_NOT_EVICTED && put_evicted_seq == 0);
     CHECK(put(fay, alice, "ev4", true, 100, 9800) == 0 && put_res.status == STORE_PUT_OFFLINE);
     CHECK(strncmp(put_sid, "4-", 2) == 0);
     archive_close(a);
@@ -894,6 +983,7 @@ int main(void)
         test_live_and_due();
         test_per_device();
         test_ack_many();
+        test_dedupe_marks();
         test_archive();
         test_evict();
         test_wait_replicas(&cfg);
