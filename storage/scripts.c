@@ -9,9 +9,6 @@
  * P:p) until they ack or the delivery window ends. */
 #include "scripts.h"
 
-/* Shared by the scripts that need them. The epoch is read here, not passed in, so that every
- * receiptd instance sharing this Redis agrees on it: any instance's re-attach makes all earlier
- * presence unverified for all of them. */
 /* Every script gets the caller's link epoch and dedupe window (ms) as ARGV[1] and ARGV[2]
  * (storage/store.c adds them) and sees the rest of its arguments as ARGV[1..]: no script reads a
  * key it was not given, which Redis Cluster requires. */
@@ -19,20 +16,10 @@
     "local EPOCH, DEDUPE_MS = ARGV[1], tonumber(ARGV[2])\n"                                        \
     "local ARGV = {select(3, unpack(ARGV))}\n"
 
-/* hmget and bulk send one command for many fields, in slices of 1000 because Redis' Lua 5.1
- * cannot unpack more than about 8000 values into one call. purge_many removes messages
- * ({S, blob, acked list or false} each) with one command per key, taking back the counts of the
- * devices that had acked them; the other purges are purge_many of one message.
- *
- * Dedupe: a queued message is found by its origin ("<sender bare> <original id>", read from the
- * blob's header, so nothing per message stores it twice) in P:o. When it is purged its origin
- * goes into the dedupe mark of the current window, P:dd:<now / window>, one hash per window that
- * expires two windows after it began: a put checks its own window's mark and the previous one,
- * so a purged message stays known for at least a window. Writing the marks at purge time, in
- * bulk, rather than a key with a TTL per put, is what keeps a put cheap. P:dd:<origin> strings
- * (one per message, with a TTL) and P:k are what earlier versions wrote; a put still honours the
- * first and a purge deletes the second, until they are gone. */
-#define LUA_HELPERS                                                                                \
+/* Who is online for the caller's link epoch (storage/SCHEMA.md). Each script defines only the
+ * helpers it calls: Lua builds every one of them again at each call, which the put, run once per
+ * message, would pay for nothing. */
+#define LUA_ONLINE                                                                                 \
     "local function epoch() return EPOCH end\n"                                                    \
     "local function register(P, res)\n"                                                            \
     "  local cur = tonumber(redis.call('HGET', P .. ':r', res) or '0')\n"                          \
@@ -43,45 +30,17 @@
     "  if cur == 0 then return res end\n"                                                          \
     "  for i = 1, #rs, 2 do if tonumber(rs[i + 1]) >= cur then res[#res + 1] = rs[i] end end\n"    \
     "  return res\n"                                                                               \
-    "end\n"                                                                                        \
-    "local function split(member) return string.match(member, '^(%S+) (.*)$') end\n"               \
-    "local function has(list, dev)\n"                                                              \
-    "  return string.find('\\n' .. list .. '\\n', '\\n' .. dev .. '\\n', 1, true) ~= nil\n"        \
-    "end\n"                                                                                        \
-    "local function acked_by(P, sid, dev)\n"                                                       \
-    "  local list = redis.call('HGET', P .. ':ak', sid)\n"                                         \
-    "  return list and has(list, dev)\n"                                                           \
-    "end\n"                                                                                        \
-    "local function known_devices(P)\n"                                                            \
-    "  local k = redis.call('HKEYS', P .. ':dev')\n"                                               \
-    "  for _, r in ipairs(online(P)) do k[#k + 1] = r end\n"                                       \
-    "  return k\n"                                                                                 \
-    "end\n"                                                                                        \
-    "local function all_acked(list, known)\n"                                                      \
-    "  for _, d in ipairs(known) do if not has(list, d) then return false end end\n"               \
-    "  return true\n"                                                                              \
-    "end\n"                                                                                        \
-    "local function hmget(key, fields)\n"                                                          \
-    "  local res = {}\n"                                                                           \
-    "  for i = 1, #fields, 1000 do\n"                                                              \
-    "    local part = redis.call('HMGET', key, unpack(fields, i, math.min(i + 999, #fields)))\n"   \
-    "    for j = 1, #part do res[#res + 1] = part[j] end\n"                                        \
-    "  end\n"                                                                                      \
-    "  return res\n"                                                                               \
-    "end\n"                                                                                        \
-    "local function bulk(cmd, key, args)\n"                                                        \
-    "  for i = 1, #args, 1000 do\n"                                                                \
-    "    redis.call(cmd, key, unpack(args, i, math.min(i + 999, #args)))\n"                        \
-    "  end\n"                                                                                      \
-    "end\n"                                                                                        \
-    "local function origin_of(blob)\n"                                                             \
-    "  local fl, lf, lt, li, at = string.match(blob, '^1 %-?%d+ (%d+) (%d+) (%d+) (%d+)\\n()')\n"  \
-    "  if not at or tonumber(fl) % 2 == 0 or li == '0' then return nil end\n"                      \
-    "  lf, lt, li = tonumber(lf), tonumber(lt), tonumber(li)\n"                                    \
-    "  local from = string.sub(blob, at, at + lf - 1)\n"                                           \
-    "  local id = string.sub(blob, at + lf + lt, at + lf + lt + li - 1)\n"                         \
-    "  return string.match(from, '^[^/]*') .. ' ' .. id\n"                                         \
-    "end\n"                                                                                        \
+    "end\n"
+
+/* Dedupe: a queued message is found by its origin ("<sender bare> <original id>", read from the
+ * blob's header, so nothing per message stores it twice) in P:o. When it is purged its origin
+ * goes into the dedupe mark of the current window, P:dd:<now / window>, one hash per window that
+ * expires two windows after it began: a put checks its own window's mark and the previous one,
+ * so a purged message stays known for at least a window. Writing the marks at purge time, in
+ * bulk, rather than a key with a TTL per put, is what keeps a put cheap. P:dd:<origin> strings
+ * (one per message, with a TTL) and P:k are what earlier versions wrote; a put still honours the
+ * first and a purge deletes the second, until they are gone. */
+#define LUA_DEDUPE                                                                                 \
     "local function window_now()\n"                                                                \
     "  local t = redis.call('TIME')\n"                                                             \
     "  return math.floor((tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)) / "           \
@@ -95,67 +54,115 @@
     "         redis.call('HGET', P .. ':dd:' .. (w - 1), okey)\n"                                  \
     "  if prev then return prev end\n"                                                             \
     "  return redis.call('GET', P .. ':dd:' .. okey)\n"                                            \
-    "end\n"                                                                                        \
-    "local function purge_many(P, msgs)\n"                                                         \
-    "  local gone, listed, bytes, minus, order, okeys, marks = {}, {}, 0, {}, {}, {}, {}\n"        \
-    "  for _, m in ipairs(msgs) do\n"                                                              \
-    "    local sid, blob, list = m[1], m[2], m[3]\n"                                               \
-    "    gone[#gone + 1] = sid\n"                                                                  \
-    "    local o = origin_of(blob)\n"                                                              \
-    "    if o then\n"                                                                              \
-    "      okeys[#okeys + 1] = o\n"                                                                \
-    "      marks[#marks + 1] = o\n"                                                                \
-    "      marks[#marks + 1] = sid\n"                                                              \
-    "    end\n"                                                                                    \
-    "    bytes = bytes + #blob\n"                                                                  \
-    "    if list then\n"                                                                           \
-    "      listed[#listed + 1] = sid\n"                                                            \
-    "      for d in string.gmatch(list, '[^\\n]+') do\n"                                           \
-    "        if not minus[d] then minus[d] = {0, 0}; order[#order + 1] = d end\n"                  \
-    "        minus[d][1] = minus[d][1] + 1\n"                                                      \
-    "        minus[d][2] = minus[d][2] + #blob\n"                                                  \
-    "      end\n"                                                                                  \
-    "    end\n"                                                                                    \
-    "  end\n"                                                                                      \
-    "  if #gone == 0 then return end\n"                                                            \
-    "  for _, d in ipairs(order) do\n"                                                             \
-    "    redis.call('HINCRBY', P .. ':an', d, -minus[d][1])\n"                                     \
-    "    redis.call('HINCRBY', P .. ':ab', d, -minus[d][2])\n"                                     \
-    "  end\n"                                                                                      \
-    "  bulk('HDEL', P .. ':ak', listed)\n"                                                         \
-    "  bulk('HDEL', P .. ':m', gone)\n"                                                            \
-    "  bulk('HDEL', P .. ':pw', gone)\n"                                                           \
-    "  bulk('ZREM', P .. ':q', gone)\n"                                                            \
-    "  redis.call('DECRBY', P .. ':qb', bytes)\n"                                                  \
-    "  bulk('HDEL', P .. ':k', gone)\n"                                                            \
-    "  if #okeys == 0 then return end\n"                                                           \
-    "  bulk('HDEL', P .. ':o', okeys)\n"                                                           \
-    "  local w = window_now()\n"                                                                   \
-    "  bulk('HSET', P .. ':dd:' .. w, marks)\n"                                                    \
-    "  redis.call('PEXPIREAT', P .. ':dd:' .. w, (w + 2) * DEDUPE_MS, 'NX')\n"                     \
-    "end\n"                                                                                        \
-    "local function purge_listed(P, sid, blob, list) purge_many(P, {{sid, blob, list}}) end\n"     \
-    "local function purge(P, sid, blob)\n"                                                         \
-    "  purge_listed(P, sid, blob, redis.call('HGET', P .. ':ak', sid))\n"                          \
-    "end\n"                                                                                        \
-    "local function purge_if_done(P, sid, blob, known)\n"                                          \
-    "  local list = redis.call('HGET', P .. ':ak', sid)\n"                                         \
-    "  if not list or not all_acked(list, known) then return false end\n"                          \
-    "  purge_listed(P, sid, blob, list)\n"                                                         \
-    "  return true\n"                                                                              \
-    "end\n"                                                                                        \
-    "local function device_offline(P, dev)\n"                                                      \
-    "  local known = nil\n"                                                                        \
-    "  for _, m in ipairs(redis.call('ZRANGE', P .. ':p', 0, -1)) do\n"                            \
-    "    local sid, d = split(m)\n"                                                                \
-    "    if d == dev then\n"                                                                       \
-    "      redis.call('ZREM', P .. ':p', m)\n"                                                     \
-    "      local blob = redis.call('HGET', P .. ':m', sid)\n"                                      \
-    "      known = known or known_devices(P)\n"                                                    \
-    "      if blob then purge_if_done(P, sid, blob, known) end\n"                                  \
-    "    end\n"                                                                                    \
-    "  end\n"                                                                                      \
     "end\n"
+
+/* Everything, for the scripts that read devices and acks or purge. hmget and bulk send one
+ * command for many fields, in slices of 1000 because Redis' Lua 5.1 cannot unpack more than about
+ * 8000 values into one call. purge_many removes messages ({S, blob, acked list or false} each)
+ * with one command per key, taking back the counts of the devices that had acked them, and leaves
+ * their origins in the dedupe mark; the other purges are purge_many of one message. */
+#define LUA_HELPERS                                                                                \
+    LUA_ONLINE LUA_DEDUPE                                                                          \
+        "local function split(member) return string.match(member, '^(%S+) (.*)$') end\n"           \
+        "local function has(list, dev)\n"                                                          \
+        "  return string.find('\\n' .. list .. '\\n', '\\n' .. dev .. '\\n', 1, true) ~= nil\n"    \
+        "end\n"                                                                                    \
+        "local function acked_by(P, sid, dev)\n"                                                   \
+        "  local list = redis.call('HGET', P .. ':ak', sid)\n"                                     \
+        "  return list and has(list, dev)\n"                                                       \
+        "end\n"                                                                                    \
+        "local function known_devices(P)\n"                                                        \
+        "  local k = redis.call('HKEYS', P .. ':dev')\n"                                           \
+        "  for _, r in ipairs(online(P)) do k[#k + 1] = r end\n"                                   \
+        "  return k\n"                                                                             \
+        "end\n"                                                                                    \
+        "local function all_acked(list, known)\n"                                                  \
+        "  for _, d in ipairs(known) do if not has(list, d) then return false end end\n"           \
+        "  return true\n"                                                                          \
+        "end\n"                                                                                    \
+        "local function hmget(key, fields)\n"                                                      \
+        "  local res = {}\n"                                                                       \
+        "  for i = 1, #fields, 1000 do\n"                                                          \
+        "    local part = redis.call('HMGET', key, unpack(fields, i, math.min(i + 999, "           \
+        "#fields)))\n"                                                                             \
+        "    for j = 1, #part do res[#res + 1] = part[j] end\n"                                    \
+        "  end\n"                                                                                  \
+        "  return res\n"                                                                           \
+        "end\n"                                                                                    \
+        "local function bulk(cmd, key, args)\n"                                                    \
+        "  for i = 1, #args, 1000 do\n"                                                            \
+        "    redis.call(cmd, key, unpack(args, i, math.min(i + 999, #args)))\n"                    \
+        "  end\n"                                                                                  \
+        "end\n"                                                                                    \
+        "local function origin_of(blob)\n"                                                         \
+        "  local fl, lf, lt, li, at = string.match(blob, '^1 %-?%d+ (%d+) (%d+) (%d+) "            \
+        "(%d+)\\n()')\n"                                                                           \
+        "  if not at or tonumber(fl) % 2 == 0 or li == '0' then return nil end\n"                  \
+        "  lf, lt, li = tonumber(lf), tonumber(lt), tonumber(li)\n"                                \
+        "  local from = string.sub(blob, at, at + lf - 1)\n"                                       \
+        "  local id = string.sub(blob, at + lf + lt, at + lf + lt + li - 1)\n"                     \
+        "  return string.match(from, '^[^/]*') .. ' ' .. id\n"                                     \
+        "end\n"                                                                                    \
+        "local function purge_many(P, msgs)\n"                                                     \
+        "  local gone, listed, bytes, minus, order, okeys, marks = {}, {}, 0, {}, {}, {}, {}\n"    \
+        "  for _, m in ipairs(msgs) do\n"                                                          \
+        "    local sid, blob, list = m[1], m[2], m[3]\n"                                           \
+        "    gone[#gone + 1] = sid\n"                                                              \
+        "    local o = origin_of(blob)\n"                                                          \
+        "    if o then\n"                                                                          \
+        "      okeys[#okeys + 1] = o\n"                                                            \
+        "      marks[#marks + 1] = o\n"                                                            \
+        "      marks[#marks + 1] = sid\n"                                                          \
+        "    end\n"                                                                                \
+        "    bytes = bytes + #blob\n"                                                              \
+        "    if list then\n"                                                                       \
+        "      listed[#listed + 1] = sid\n"                                                        \
+        "      for d in string.gmatch(list, '[^\\n]+') do\n"                                       \
+        "        if not minus[d] then minus[d] = {0, 0}; order[#order + 1] = d end\n"              \
+        "        minus[d][1] = minus[d][1] + 1\n"                                                  \
+        "        minus[d][2] = minus[d][2] + #blob\n"                                              \
+        "      end\n"                                                                              \
+        "    end\n"                                                                                \
+        "  end\n"                                                                                  \
+        "  if #gone == 0 then return end\n"                                                        \
+        "  for _, d in ipairs(order) do\n"                                                         \
+        "    redis.call('HINCRBY', P .. ':an', d, -minus[d][1])\n"                                 \
+        "    redis.call('HINCRBY', P .. ':ab', d, -minus[d][2])\n"                                 \
+        "  end\n"                                                                                  \
+        "  bulk('HDEL', P .. ':ak', listed)\n"                                                     \
+        "  bulk('HDEL', P .. ':m', gone)\n"                                                        \
+        "  bulk('HDEL', P .. ':pw', gone)\n"                                                       \
+        "  bulk('ZREM', P .. ':q', gone)\n"                                                        \
+        "  redis.call('DECRBY', P .. ':qb', bytes)\n"                                              \
+        "  bulk('HDEL', P .. ':k', gone)\n"                                                        \
+        "  if #okeys == 0 then return end\n"                                                       \
+        "  bulk('HDEL', P .. ':o', okeys)\n"                                                       \
+        "  local w = window_now()\n"                                                               \
+        "  bulk('HSET', P .. ':dd:' .. w, marks)\n"                                                \
+        "  redis.call('PEXPIREAT', P .. ':dd:' .. w, (w + 2) * DEDUPE_MS, 'NX')\n"                 \
+        "end\n"                                                                                    \
+        "local function purge_listed(P, sid, blob, list) purge_many(P, {{sid, blob, list}}) end\n" \
+        "local function purge(P, sid, blob)\n"                                                     \
+        "  purge_listed(P, sid, blob, redis.call('HGET', P .. ':ak', sid))\n"                      \
+        "end\n"                                                                                    \
+        "local function purge_if_done(P, sid, blob, known)\n"                                      \
+        "  local list = redis.call('HGET', P .. ':ak', sid)\n"                                     \
+        "  if not list or not all_acked(list, known) then return false end\n"                      \
+        "  purge_listed(P, sid, blob, list)\n"                                                     \
+        "  return true\n"                                                                          \
+        "end\n"                                                                                    \
+        "local function device_offline(P, dev)\n"                                                  \
+        "  local known = nil\n"                                                                    \
+        "  for _, m in ipairs(redis.call('ZRANGE', P .. ':p', 0, -1)) do\n"                        \
+        "    local sid, d = split(m)\n"                                                            \
+        "    if d == dev then\n"                                                                   \
+        "      redis.call('ZREM', P .. ':p', m)\n"                                                 \
+        "      local blob = redis.call('HGET', P .. ':m', sid)\n"                                  \
+        "      known = known or known_devices(P)\n"                                                \
+        "      if blob then purge_if_done(P, sid, blob, known) end\n"                              \
+        "    end\n"                                                                                \
+        "  end\n"                                                                                  \
+        "end\n"
 
 /* A device's view of the queue: what it has not acked, oldest first after the cursor `after`,
  * at most n, examining at most scan entries so that a device that acked a long stretch cannot
@@ -194,7 +201,7 @@
  * requested: dedupe and keep pending), now, retry_ms, window_ms, max_n, max_b.
  * Returns {'dup', S} | {'full'} | {'live', S or '', resource...} | {'offline', S} | {'cold'}:
  * the user has no state here (new, or evicted to the archive); the caller restores it first. */
-static const char put_lua[] = LUA_PROLOGUE LUA_HELPERS
+static const char put_lua[] = LUA_PROLOGUE LUA_ONLINE LUA_DEDUPE
     "local P, user, sender, oid, blob = KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[5]\n"
     "local track, now = ARGV[6] == '1', tonumber(ARGV[7])\n"
     "if redis.call('EXISTS', P .. ':seq') == 0 then return {'cold'} end\n"
