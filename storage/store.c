@@ -19,6 +19,10 @@
 
 #define KEY_EPOCH "rd:epoch"
 #define TICK_MS 50
+/* Puts per put_many call: Redis runs a call without a break, and 32 puts take it about 1 ms. */
+#define PUT_BATCH_MAX 32
+
+static void put_flush(store_t *st);
 
 static void maybe_free(store_t *st)
 {
@@ -133,8 +137,8 @@ int store_create(uv_loop_t *loop, const store_config_t *cfg, store_state_cb on_s
     }
     uv_timer_init(loop, &st->tick);
     st->tick.data = st;
-    uv_check_init(loop, &st->ixcheck);
-    st->ixcheck.data = st;
+    uv_check_init(loop, &st->turn_end);
+    st->turn_end.data = st;
     uv_timer_start(&st->tick, on_tick, TICK_MS, TICK_MS);
     *out = st;
     return 0;
@@ -149,12 +153,14 @@ static void on_handle_closed(uv_handle_t *h)
 
 void store_close(store_t *st)
 {
-    store__index_flush(st); /* while the connections still take commands */
+    /* While the connections still take commands. */
+    store__index_flush(st);
+    put_flush(st);
     st->closing = true;
     st->connected = false;
     uv_timer_stop(&st->tick);
     uv_close((uv_handle_t *)&st->tick, on_handle_closed);
-    uv_close((uv_handle_t *)&st->ixcheck, on_handle_closed);
+    uv_close((uv_handle_t *)&st->turn_end, on_handle_closed);
     if (st->cluster)
         cluster__close(st);
     else
@@ -313,6 +319,26 @@ int store_reply_old_msgs(const redisReply *m, store_old_msg_t **out, size_t *n)
     return 0;
 }
 
+static void req_done(req_t *rq);
+static void reply_fail(req_t *rq, int err);
+
+/* Hands each put of a put_many call its own reply. */
+static int reply_put_many(req_t *rq, const redisReply *r)
+{
+    if (r->type != REDIS_REPLY_ARRAY || r->elements != rq->nchildren)
+        return -1;
+    req_t *child = rq->children;
+    rq->children = NULL;
+    for (size_t i = 0; child; i++) {
+        req_t *next = child->next;
+        if (reply_put(child, r->element[i]) < 0)
+            reply_fail(child, STORE_EREPLY);
+        req_done(child);
+        child = next;
+    }
+    return 0;
+}
+
 static int reply_dispatch(req_t *rq, const redisReply *r)
 {
     store_item_t *items;
@@ -320,6 +346,8 @@ static int reply_dispatch(req_t *rq, const redisReply *r)
     switch (rq->kind) {
     case REQ_PUT:
         return reply_put(rq, r);
+    case REQ_PUT_MANY:
+        return reply_put_many(rq, r);
     case REQ_ITEMS:
         if (store_reply_pairs(r, 0, &items, &n) < 0)
             return -1;
@@ -402,6 +430,14 @@ static void reply_fail(req_t *rq, int err)
     switch (rq->kind) {
     case REQ_PUT:
         rq->cb.put(rq->ud, err, NULL);
+        break;
+    case REQ_PUT_MANY:
+        while (rq->children) {
+            req_t *child = rq->children;
+            rq->children = child->next;
+            reply_fail(child, err);
+            req_done(child);
+        }
         break;
     case REQ_ITEMS:
         rq->cb.items(rq->ud, err, NULL, 0);
@@ -575,7 +611,7 @@ void store__on_reply(redisAsyncContext *ac, void *reply, void *privdata)
         store__req_fail(rq, STORE_EREPLY);
         return;
     }
-    if (rq->kind == REQ_PUT && st->wait_replicas) {
+    if ((rq->kind == REQ_PUT || rq->kind == REQ_PUT_MANY) && st->wait_replicas) {
         gc_add(c, rq, r);
         return;
     }
@@ -630,12 +666,132 @@ static int send_argv(store_t *st, req_t *rq, int argc, const char **argv, const 
         cluster__dispatch(st, rq);
         return 0;
     }
+    put_flush(st);
     rq->conn = rconn_lane(st->single, rq->put_lane);
     if (rconn_send(rq->conn, store__on_reply, rq, argc, argv, lens) < 0) {
         store_req_free(rq);
         return STORE_EDOWN;
     }
     st->inflight++;
+    return 0;
+}
+
+/* ---- puts gathered per loop turn (a single Redis) ---------------------------------------- */
+
+/* The layout of a put's command on a single Redis (store_put_message): EVALSHA, sha, "5", the
+ * five keys, the epoch and the dedupe window, then the put's own eleven arguments. */
+enum { PUT_KEYS = 5, PUT_ARGS = 11, PUT_ARGC = 3 + PUT_KEYS + 2 + PUT_ARGS };
+
+static void on_turn_end(uv_check_t *h)
+{
+    store_t *st = h->data;
+    uv_check_stop(h);
+    st->turn_scheduled = false;
+    store__index_flush(st);
+    put_flush(st);
+}
+
+void store__schedule_turn_end(store_t *st)
+{
+    if (!st->turn_scheduled) {
+        uv_check_start(&st->turn_end, on_turn_end);
+        st->turn_scheduled = true;
+    }
+}
+
+/* One put_many call carrying the n puts chained from all (not yet sent). Its command points into
+ * theirs, which live until it is answered; argv, lens and the key count are one allocation. */
+static req_t *put_many_new(store_t *st, req_t *all, unsigned n)
+{
+    size_t argc = 3 + n * (PUT_KEYS + PUT_ARGS) + 2;
+    req_t *rq = store_req_new(REQ_PUT_MANY, NULL);
+    char *mem = malloc(argc * (sizeof(char *) + sizeof(size_t)) + 16);
+    if (!rq || !mem) {
+        free(rq);
+        free(mem);
+        return NULL;
+    }
+    const char **argv = (const char **)(void *)mem;
+    size_t *lens = (size_t *)(void *)(mem + argc * sizeof(char *));
+    char *nkeys = mem + argc * (sizeof(char *) + sizeof(size_t));
+    snprintf(nkeys, 16, "%u", n * PUT_KEYS);
+    argv[0] = "EVALSHA";
+    argv[1] = st->sha[STORE_SCRIPT_PUT_MANY];
+    argv[2] = nkeys;
+    for (int k = 0; k < 3; k++)
+        lens[k] = strlen(argv[k]);
+    /* The keys of every put, then the epoch and dedupe window (the same for all), then the
+     * arguments of every put. */
+    size_t at = 3, at_args = 3 + n * PUT_KEYS + 2;
+    for (req_t *p = all; p; p = p->next) {
+        memcpy(argv + at, p->argv + 3, PUT_KEYS * sizeof *argv);
+        memcpy(lens + at, p->lens + 3, PUT_KEYS * sizeof *lens);
+        memcpy(argv + at_args, p->argv + 3 + PUT_KEYS + 2, PUT_ARGS * sizeof *argv);
+        memcpy(lens + at_args, p->lens + 3 + PUT_KEYS + 2, PUT_ARGS * sizeof *lens);
+        at += PUT_KEYS;
+        at_args += PUT_ARGS;
+    }
+    memcpy(argv + at, all->argv + 3 + PUT_KEYS, 2 * sizeof *argv);
+    memcpy(lens + at, all->lens + 3 + PUT_KEYS, 2 * sizeof *lens);
+    rq->argv = argv;
+    rq->lens = lens;
+    rq->argc = (int)argc;
+    rq->children = all;
+    rq->nchildren = n;
+    rq->st = st;
+    rq->put_lane = true;
+    return rq;
+}
+
+/* Sends the gathered puts: one alone as itself, more as one put_many call whose reply
+ * reply_put_many splits. That call counts as one more request in flight until it is answered
+ * (its puts were counted when they were made). */
+static void put_flush(store_t *st)
+{
+    unsigned n = st->nputs;
+    req_t *all = req_list_take(&st->puts);
+    st->nputs = 0;
+    if (!all)
+        return;
+    req_t *rq = all;
+    if (n > 1) {
+        if (!(rq = put_many_new(st, all, n))) {
+            while (all) {
+                req_t *p = all;
+                all = p->next;
+                store__req_fail(p, STORE_ENOMEM);
+            }
+            return;
+        }
+        st->inflight++;
+    }
+    rq->conn = rconn_lane(st->single, true);
+    if (rconn_send(rq->conn, store__on_reply, rq, rq->argc, rq->argv, rq->lens) < 0)
+        store__req_fail(rq, STORE_EDOWN);
+}
+
+/* Takes a put on a single Redis: it leaves with the others of this loop turn. rq is consumed
+ * either way. */
+static int put_queue(store_t *st, req_t *rq, cmd_t *c)
+{
+    int rc = 0;
+    if (st->closing || !st->connected)
+        rc = STORE_EDOWN;
+    else if (st->inflight >= st->max_inflight)
+        rc = STORE_EBUSY;
+    else if (c->argc != PUT_ARGC || req_own_argv(rq, c->argc, c->argv, c->lens) < 0)
+        rc = STORE_ENOMEM;
+    if (rc < 0) {
+        store_req_free(rq);
+        return rc;
+    }
+    rq->st = st;
+    st->inflight++;
+    req_list_push(&st->puts, rq);
+    if (++st->nputs >= PUT_BATCH_MAX)
+        put_flush(st);
+    else
+        store__schedule_turn_end(st);
     return 0;
 }
 
@@ -774,7 +930,10 @@ int store_put_message(store_t *st, const store_put_t *p, store_put_cb cb, void *
     store_cmd_add_num(&c, p->window_ms);
     store_cmd_add_num(&c, (int64_t)p->max_messages);
     store_cmd_add_num(&c, (int64_t)p->max_bytes);
-    return store_send(st, rq, &c);
+    if (st->cluster)
+        return store_send(st, rq, &c);
+    cmd_epoch(&c);
+    return put_queue(st, rq, &c);
 }
 
 int store_send(store_t *st, req_t *rq, cmd_t *c)

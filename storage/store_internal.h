@@ -19,37 +19,9 @@ typedef struct index_batch {
     size_t n, cap;
 } index_batch_t;
 
-struct store {
-    uv_loop_t *loop;
-    char *host;
-    int port;
-    char *socket;
-    char *password;
-    unsigned timeout_ms;
-    uv_timer_t tick; /* the watchdog; in a cluster also parked requests and map refreshes */
-    unsigned max_inflight;
-    bool connected; /* a single Redis: its connection is ready; a cluster: every master's is */
-    bool closing;
-    int handles_closed; /* of tick and ixcheck */
-    unsigned conns;     /* rconns not yet freed: the store outlives them */
-    unsigned inflight;  /* requests accepted and not yet answered (sent, parked or waiting) */
-    char sha[STORE_SCRIPT_COUNT][41];
-    store_state_cb on_state;
-    void *ud;
-    char epoch[24];  /* the link epoch every script gets as its first argument */
-    char dedupe[24]; /* and the dedupe window in ms, its second (storage/scripts.c) */
-    bool cluster;    /* Redis Cluster (storage/cluster.c): no script may touch two slots */
-    struct rconn *single;
-    struct cluster *cl;
-    index_batch_t ixb[STORE_SHARDS];
-    uv_check_t ixcheck; /* flushes ixb at the end of the loop turn */
-    bool ix_scheduled;
-    unsigned wait_replicas; /* WAIT for this many replicas after a put, before answering it */
-    unsigned wait_timeout_ms;
-};
-
 typedef enum {
     REQ_PUT,
+    REQ_PUT_MANY, /* the puts of a loop turn in one script call (children) */
     REQ_ITEMS,
     REQ_ACK,
     REQ_FLAG,
@@ -91,12 +63,14 @@ typedef struct req {
     int argc;
     const char **argv; /* one allocation with lens and the bytes */
     size_t *lens;
-    uint64_t deadline;   /* loop time after which a parked request fails */
-    uint64_t not_before; /* loop time before which a parked request is not sent again */
-    unsigned redirects;  /* MOVED followed */
-    unsigned tries;      /* times parked and sent again */
-    bool put_lane;       /* a put or its index write: to the put lane, when there is one */
-    struct req *next;    /* the parked list */
+    uint64_t deadline;    /* loop time after which a parked request fails */
+    uint64_t not_before;  /* loop time before which a parked request is not sent again */
+    unsigned redirects;   /* MOVED followed */
+    unsigned tries;       /* times parked and sent again */
+    bool put_lane;        /* a put or its index write: to the put lane, when there is one */
+    struct req *next;     /* the parked list */
+    struct req *children; /* REQ_PUT_MANY: its puts, oldest first, chained through next */
+    unsigned nchildren;
 } req_t;
 
 /* A FIFO of requests linked through their next field: parked requests, puts waiting for WAIT. */
@@ -121,6 +95,39 @@ static inline req_t *req_list_take(req_list_t *l)
     l->head = l->tail = NULL;
     return all;
 }
+
+struct store {
+    uv_loop_t *loop;
+    char *host;
+    int port;
+    char *socket;
+    char *password;
+    unsigned timeout_ms;
+    uv_timer_t tick; /* the watchdog; in a cluster also parked requests and map refreshes */
+    unsigned max_inflight;
+    bool connected; /* a single Redis: its connection is ready; a cluster: every master's is */
+    bool closing;
+    int handles_closed; /* of tick and ixcheck */
+    unsigned conns;     /* rconns not yet freed: the store outlives them */
+    unsigned inflight;  /* requests accepted and not yet answered (sent, parked or waiting) */
+    char sha[STORE_SCRIPT_COUNT][41];
+    store_state_cb on_state;
+    void *ud;
+    char epoch[24];  /* the link epoch every script gets as its first argument */
+    char dedupe[24]; /* and the dedupe window in ms, its second (storage/scripts.c) */
+    bool cluster;    /* Redis Cluster (storage/cluster.c): no script may touch two slots */
+    struct rconn *single;
+    struct cluster *cl;
+    index_batch_t ixb[STORE_SHARDS];
+    /* A single Redis: the puts of a loop turn, sent as one put_many call when the turn ends or
+     * before any other command (so Redis still sees every command in the order it was made). */
+    req_list_t puts;
+    unsigned nputs;
+    uv_check_t turn_end; /* flushes what a loop turn gathered: ixb and puts */
+    bool turn_scheduled;
+    unsigned wait_replicas; /* WAIT for this many replicas after a put, before answering it */
+    unsigned wait_timeout_ms;
+};
 
 /* Most commands are an EVALSHA of short string arguments; this builds and sends one. args may
  * hold up to 24 entries, plus an optional binary blob appended last. */
@@ -185,6 +192,8 @@ bool cluster__has_map(const store_t *st);
  * put script. */
 void store_index_put(store_t *st, const char *user, int64_t due, int64_t now);
 void store__index_flush(store_t *st);
+/* Makes the loop call store__index_flush (and send the gathered puts) when this turn ends. */
+void store__schedule_turn_end(store_t *st);
 void store_index_set(store_t *st, const char *user, int which, int64_t score, int64_t lease);
 void store_index_user(store_t *st, const char *user, const char *op, int64_t now);
 int sweep_on_reply(req_t *rq, const redisReply *r);

@@ -134,15 +134,6 @@ void store__index_flush(store_t *st)
 {
     for (unsigned i = 0; i < STORE_SHARDS; i++)
         index_flush_shard(st, i);
-    if (st->ix_scheduled) {
-        uv_check_stop(&st->ixcheck);
-        st->ix_scheduled = false;
-    }
-}
-
-static void on_ixcheck(uv_check_t *h)
-{
-    store__index_flush(h->data);
 }
 
 void store_index_put(store_t *st, const char *user, int64_t due, int64_t now)
@@ -174,10 +165,8 @@ void store_index_put(store_t *st, const char *user, int64_t due, int64_t now)
     b->args[b->n++] = ns;
     if (b->n >= 3 * BATCH_MAX)
         index_flush_shard(st, shard);
-    else if (!st->ix_scheduled) {
-        uv_check_start(&st->ixcheck, on_ixcheck);
-        st->ix_scheduled = true;
-    }
+    else
+        store__schedule_turn_end(st);
 }
 
 /* ---- starting a sweep: claim from every shard ------------------------------------------------ */

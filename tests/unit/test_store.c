@@ -630,6 +630,113 @@ static void test_dedupe_marks(void)
     freeReplyObject(r);
 }
 
+/* ---- puts made in one loop turn ---- */
+typedef struct turn_put {
+    int calls, err;
+    store_put_status_t status;
+    char sid[64];
+    size_t nres;
+} turn_put_t;
+static int turn_pending;
+
+static void on_turn_put(void *ud, int err, const store_put_result_t *r)
+{
+    turn_put_t *t = ud;
+    t->calls++;
+    t->err = err;
+    if (!err) {
+        t->status = r->status;
+        snprintf(t->sid, sizeof t->sid, "%s", r->sid);
+        t->nres = r->nresources;
+    }
+    turn_pending--;
+}
+
+/* Makes the put without running the loop: its reply comes with the others of the turn. */
+static void put_in_turn(const char *user, const char *id, bool track, uint64_t max_n, turn_put_t *t)
+{
+    proto_buf_t b;
+    proto_buf_init(&b);
+    store_blob_encode(&b, 20000, track ? STORE_BLOB_RECEIPT : 0, "alice@t1/phone", "chat", id,
+                      "<body>x</body>", 14);
+    store_put_t req = {.user = user,
+                       .sender = "alice@t1",
+                       .orig_id = id,
+                       .blob = b.data,
+                       .blob_len = b.len,
+                       .track = track,
+                       .now_ms = 20000,
+                       .retry_ms = 100,
+                       .window_ms = 1000,
+                       .max_messages = max_n,
+                       .max_bytes = 1 << 20};
+    memset(t, 0, sizeof *t);
+    t->err = 1;
+    if (store_put_message(st, &req, on_turn_put, t) == 0)
+        turn_pending++;
+    proto_buf_free(&b); /* the store keeps its own copy */
+}
+
+static void run_until_turn_done(void)
+{
+    while (turn_pending > 0 || !done)
+        uv_run(&loop, UV_RUN_ONCE);
+}
+
+/* On a single Redis the puts of a loop turn go to Redis in one call (put_many): each still gets
+ * its own answer, in order, as if sent alone, and a request made after them sees them. */
+static void test_puts_in_one_turn(void)
+{
+    const char *bat = "bat@t1", *live = "batlive@t1";
+    const store_device_t b = {bat, "b", 1};
+    int err = -1;
+    CHECK(put(bat, "alice@t1", "b0", true, 100, 20000) == 0);
+    CHECK(put(live, "alice@t1", "l0", false, 100, 20000) == 0);
+    CHECK(store_presence(st, STORE_PRESENCE_SET, live, "ph", 20000, on_done, &err) == 0);
+    run_until_done();
+    CHECK(err == 0);
+
+    turn_put_t t[6];
+    put_in_turn(bat, "b1", true, 100, &t[0]);
+    put_in_turn(bat, "b1", true, 100, &t[1]);         /* the same message again */
+    put_in_turn("batnew@t1", "n1", true, 100, &t[2]); /* no state yet */
+    put_in_turn(live, "l1", false, 100, &t[3]);       /* online, no receipt requested */
+    put_in_turn(bat, "b2", true, 2, &t[4]);           /* b0 and b1 fill a quota of 2 */
+    put_in_turn(bat, "b3", false, 100, &t[5]);
+    CHECK(turn_pending == 6);
+    done = 0;
+    CHECK(store_summary(st, &b, 0, on_summary, NULL) == 0);
+    run_until_turn_done();
+    for (int i = 0; i < 6; i++)
+        CHECK(t[i].calls == 1 && t[i].err == 0);
+    CHECK(t[0].status == STORE_PUT_OFFLINE);
+    CHECK(t[1].status == STORE_PUT_DUP);
+    CHECK_STR(t[1].sid, t[0].sid);
+    CHECK(t[2].status == STORE_PUT_COLD);
+    CHECK(t[3].status == STORE_PUT_LIVE && t[3].nres == 1 && t[3].sid[0] == '\0');
+    CHECK(t[4].status == STORE_PUT_FULL);
+    CHECK(t[5].status == STORE_PUT_OFFLINE);
+    CHECK(sum_count == 3); /* b0, b1, b3: the summary was asked for after the puts */
+
+    /* More puts in a turn than one call takes: every one answered, the queue in their order. */
+    turn_put_t many[40];
+    char id[16];
+    for (int i = 0; i < 40; i++) {
+        snprintf(id, sizeof id, "m%d", i);
+        put_in_turn(bat, id, true, 100, &many[i]);
+    }
+    done = 1;
+    run_until_turn_done();
+    bool ordered = true;
+    for (int i = 0; i < 40; i++) {
+        CHECK(many[i].calls == 1 && many[i].err == 0 && many[i].status == STORE_PUT_OFFLINE);
+        if (i && strtoull(many[i].sid, NULL, 10) != strtoull(many[i - 1].sid, NULL, 10) + 1)
+            ordered = false;
+    }
+    CHECK(ordered);
+    CHECK(summary_count(&b) == 43);
+}
+
 static void test_archive(void)
 {
     const char *eve = "eve@t1", *alice = "alice@t1";
@@ -924,11 +1031,17 @@ static void test_paused_redis_times_out(void)
 {
     pid_t pid = (pid_t)atoi(getenv("REDIS_PID"));
     kill(pid, SIGSTOP);
+    turn_put_t t[3];
+    for (int i = 0; i < 3; i++)
+        put_in_turn("bat@t1", i == 0 ? "p0" : i == 1 ? "p1" : "p2", true, 100, &t[i]);
     epoch[0] = 'x';
     CHECK(store_epoch_next(st, on_epoch, NULL) == 0);
     connected = -1;
-    run_until_done(); /* the epoch callback, with an error, after ~300 ms */
+    done = 0;
+    run_until_turn_done(); /* the callbacks, with an error, after ~300 ms */
     CHECK(epoch[0] == '\0');
+    for (int i = 0; i < 3; i++)
+        CHECK(t[i].calls == 1 && t[i].err == STORE_EDOWN);
     wait_state(); /* the state change may have come first */
     CHECK(connected == 0 || !store_is_connected(st));
     kill(pid, SIGCONT);
@@ -984,6 +1097,7 @@ int main(void)
         test_per_device();
         test_ack_many();
         test_dedupe_marks();
+        test_puts_in_one_turn();
         test_archive();
         test_evict();
         test_wait_replicas(&cfg);
