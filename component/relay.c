@@ -76,8 +76,13 @@ void relay_push(daemon_t *d, const char *user, const char *const *resources, siz
 
 static void send_stored(daemon_t *d, xmpp_stanza_t *msg, const char *sid)
 {
-    daemon_send(d, proto_build_stored(d->ctx, xmpp_stanza_get_to(msg), xmpp_stanza_get_from(msg),
-                                      xmpp_stanza_get_id(msg), sid));
+    proto_buf_t out;
+    proto_buf_init(&out);
+    proto_compose_stored(&out, xmpp_stanza_get_to(msg), xmpp_stanza_get_from(msg),
+                         xmpp_stanza_get_id(msg), sid);
+    if (proto_buf_finish(&out) == 0)
+        daemon_send_text(d, out.data, out.len);
+    proto_buf_free(&out);
 }
 
 static void put_ctx_free(put_ctx_t *pc)

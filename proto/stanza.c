@@ -181,31 +181,6 @@ fail:
     return NULL;
 }
 
-xmpp_stanza_t *proto_build_stored(xmpp_ctx_t *ctx, const char *from, const char *to,
-                                  const char *orig_id, const char *sid)
-{
-    xmpp_stanza_t *msg = new_tag(ctx, "message", NULL);
-    xmpp_stanza_t *stored = new_tag(ctx, "stored", NS_RECEIPTD);
-    if (!msg || !stored) {
-        if (msg)
-            xmpp_stanza_release(msg);
-        if (stored)
-            xmpp_stanza_release(stored);
-        return NULL;
-    }
-    xmpp_stanza_set_type(msg, "headline");
-    if (from)
-        xmpp_stanza_set_from(msg, from);
-    if (to)
-        xmpp_stanza_set_to(msg, to);
-    if (orig_id)
-        xmpp_stanza_set_attribute(stored, "id", orig_id);
-    if (sid)
-        xmpp_stanza_set_attribute(stored, "stanza-id", sid);
-    adopt(msg, stored);
-    return msg;
-}
-
 xmpp_stanza_t *proto_build_iq_result(xmpp_ctx_t *ctx, xmpp_stanza_t *iq, xmpp_stanza_t *payload)
 {
     xmpp_stanza_t *res = new_tag(ctx, "iq", NULL);
@@ -226,8 +201,8 @@ xmpp_stanza_t *proto_build_iq_result(xmpp_ctx_t *ctx, xmpp_stanza_t *iq, xmpp_st
     return res;
 }
 
-void proto_compose_message(proto_buf_t *b, const proto_msg_t *msg, const char *from,
-                           const char *to, const char *sid, const char *by, bool xmlns_client)
+void proto_compose_message(proto_buf_t *b, const proto_msg_t *msg, const char *from, const char *to,
+                           const char *sid, const char *by, bool xmlns_client)
 {
     proto_buf_append_str(b, "<message");
     if (xmlns_client)
@@ -259,6 +234,58 @@ void proto_compose_forwarded(proto_buf_t *b, const proto_msg_t *msg, const char 
     proto_buf_append_str(b, "</forwarded>");
 }
 
+void proto_compose_stored(proto_buf_t *b, const char *from, const char *to, const char *orig_id,
+                          const char *sid)
+{
+    proto_buf_append_str(b, "<message type='headline'");
+    proto_buf_append_attr(b, "from", from);
+    proto_buf_append_attr(b, "to", to);
+    proto_buf_append_str(b, "><stored xmlns='" NS_RECEIPTD "'");
+    proto_buf_append_attr(b, "id", orig_id);
+    proto_buf_append_attr(b, "stanza-id", sid);
+    proto_buf_append_str(b, "/></message>");
+}
+
+/* One element and what it holds, as XML text. The depth is bounded by the stream parser
+ * (STREAM_MAX_DEPTH), so the recursion is too. */
+static void append_element(proto_buf_t *b, xmpp_stanza_t *s)
+{
+    if (xmpp_stanza_is_text(s)) {
+        const char *t = xmpp_stanza_get_text_ptr(s);
+        proto_buf_append_xml(b, t ? t : "");
+        return;
+    }
+    const char *name = xmpp_stanza_get_name(s);
+    if (!name)
+        return;
+    proto_buf_append(b, "<", 1);
+    proto_buf_append_str(b, name);
+    int n = xmpp_stanza_get_attribute_count(s);
+    if (n > 0) {
+        const char *small[32], **attrs = small;
+        if (2 * n > 32 && !(attrs = malloc(2 * (size_t)n * sizeof *attrs))) {
+            b->failed = true;
+            return;
+        }
+        int got = xmpp_stanza_get_attributes(s, attrs, 2 * n);
+        for (int i = 0; i + 1 < got; i += 2)
+            proto_buf_append_attr(b, attrs[i], attrs[i + 1]);
+        if (attrs != small)
+            free(attrs);
+    }
+    xmpp_stanza_t *c = xmpp_stanza_get_children(s);
+    if (!c) {
+        proto_buf_append(b, "/>", 2);
+        return;
+    }
+    proto_buf_append(b, ">", 1);
+    for (; c; c = xmpp_stanza_get_next(c))
+        append_element(b, c);
+    proto_buf_append(b, "</", 2);
+    proto_buf_append_str(b, name);
+    proto_buf_append(b, ">", 1);
+}
+
 int proto_serialize_inner(xmpp_stanza_t *msg, const char *by, proto_buf_t *b)
 {
     for (xmpp_stanza_t *c = xmpp_stanza_get_children(msg); c; c = xmpp_stanza_get_next(c)) {
@@ -267,17 +294,7 @@ int proto_serialize_inner(xmpp_stanza_t *msg, const char *by, proto_buf_t *b)
             if (cby && strcmp(cby, by) == 0)
                 continue;
         }
-        char *text = NULL;
-        size_t len = 0;
-        if (xmpp_stanza_is_text(c)) {
-            const char *t = xmpp_stanza_get_text_ptr(c);
-            proto_buf_append_xml(b, t ? t : "");
-            continue;
-        }
-        if (xmpp_stanza_to_text(c, &text, &len) != XMPP_EOK)
-            return -1;
-        proto_buf_append(b, text, len);
-        xmpp_free(xmpp_stanza_get_context(msg), text);
+        append_element(b, c);
     }
     return b->failed ? -1 : 0;
 }

@@ -69,7 +69,8 @@ static void test_ack_and_summary(void)
 static void test_receipt(void)
 {
     const char *id;
-    xmpp_stanza_t *s = parse("<message id='1'><body>x</body><request xmlns='urn:xmpp:receipts'/></message>");
+    xmpp_stanza_t *s =
+        parse("<message id='1'><body>x</body><request xmlns='urn:xmpp:receipts'/></message>");
     CHECK(proto_parse_receipt(s, &id) == PROTO_RECEIPT_REQUEST);
     xmpp_stanza_release(s);
     s = parse("<message><received xmlns='urn:xmpp:receipts' id='m1'/></message>");
@@ -97,12 +98,24 @@ static void test_build(void)
     xmpp_stanza_release(err);
     xmpp_stanza_release(in);
 
-    xmpp_stanza_t *st = proto_build_stored(ctx, "bob\\40b@r.b", "a@b/c", "m1", "7-ab");
-    xmpp_stanza_to_text(st, &text, &len);
-    CHECK(strstr(text, "type=\"headline\"") && strstr(text, "stanza-id=\"7-ab\"") &&
-          strstr(text, "xmlns=\"urn:receiptd:0\""));
-    xmpp_free(ctx, text);
-    xmpp_stanza_release(st);
+    proto_buf_t sb;
+    proto_buf_init(&sb);
+    proto_compose_stored(&sb, "bob\\40b@r.b", "a@b/c", "m&1", "7-ab");
+    CHECK(proto_buf_finish(&sb) == 0);
+    xmpp_stanza_t *st = parse(sb.data);
+    xmpp_stanza_t *sc = st ? xmpp_stanza_get_child_by_name(st, "stored") : NULL;
+    CHECK(st && sc);
+    if (sc) {
+        CHECK_STR(xmpp_stanza_get_type(st), "headline");
+        CHECK_STR(xmpp_stanza_get_from(st), "bob\\40b@r.b");
+        CHECK_STR(xmpp_stanza_get_to(st), "a@b/c");
+        CHECK_STR(xmpp_stanza_get_ns(sc), "urn:receiptd:0");
+        CHECK_STR(xmpp_stanza_get_attribute(sc, "id"), "m&1");
+        CHECK_STR(xmpp_stanza_get_attribute(sc, "stanza-id"), "7-ab");
+    }
+    if (st)
+        xmpp_stanza_release(st);
+    proto_buf_free(&sb);
 
     char stamp[40];
     proto_format_stamp(1764052406123LL, stamp, sizeof stamp);
@@ -123,7 +136,8 @@ static void test_inner_and_compose(void)
     CHECK(strstr(inner.data, "kept") != NULL);
     CHECK(strstr(inner.data, "a &lt; b") != NULL);
 
-    store_blob_encode(&blob, 1000, STORE_BLOB_RECEIPT, "a@b/c", "chat", "x&1", inner.data, inner.len);
+    store_blob_encode(&blob, 1000, STORE_BLOB_RECEIPT, "a@b/c", "chat", "x&1", inner.data,
+                      inner.len);
     CHECK(proto_buf_finish(&blob) == 0);
     store_blob_t *b = malloc(sizeof *b);
     CHECK(store_blob_decode(blob.data, blob.len, b) == 0);
@@ -144,9 +158,8 @@ static void test_inner_and_compose(void)
         xmpp_stanza_t *msg = xmpp_stanza_get_child_by_name(fwd, "message");
         CHECK(msg && strcmp(xmpp_stanza_get_ns(msg), "jabber:client") == 0);
         CHECK(msg && strcmp(xmpp_stanza_get_id(msg), "x&1") == 0);
-        xmpp_stanza_t *sid = msg ? xmpp_stanza_get_child_by_name_and_ns(msg, "stanza-id",
-                                                                         "urn:xmpp:sid:0")
-                                 : NULL;
+        xmpp_stanza_t *sid =
+            msg ? xmpp_stanza_get_child_by_name_and_ns(msg, "stanza-id", "urn:xmpp:sid:0") : NULL;
         const char *sid_id = sid ? xmpp_stanza_get_attribute(sid, "id") : NULL;
         /* The forged one is gone; ours is last. */
         xmpp_stanza_t *last = NULL;
@@ -164,11 +177,65 @@ static void test_inner_and_compose(void)
     xmpp_stanza_release(m);
 }
 
+/* Same names, attributes (in any order: libstrophe keeps them in a hash), text and children. */
+static bool same_tree(xmpp_stanza_t *a, xmpp_stanza_t *b)
+{
+    if (xmpp_stanza_is_text(a) || xmpp_stanza_is_text(b))
+        return xmpp_stanza_is_text(a) && xmpp_stanza_is_text(b) &&
+               strcmp(xmpp_stanza_get_text_ptr(a), xmpp_stanza_get_text_ptr(b)) == 0;
+    int n = xmpp_stanza_get_attribute_count(a);
+    if (strcmp(xmpp_stanza_get_name(a), xmpp_stanza_get_name(b)) != 0 ||
+        n != xmpp_stanza_get_attribute_count(b) || n > 32)
+        return false;
+    const char *attrs[64];
+    int got = xmpp_stanza_get_attributes(a, attrs, 64);
+    for (int i = 0; i + 1 < got; i += 2) {
+        const char *v = xmpp_stanza_get_attribute(b, attrs[i]);
+        if (!v || strcmp(v, attrs[i + 1]) != 0)
+            return false;
+    }
+    xmpp_stanza_t *x = xmpp_stanza_get_children(a), *y = xmpp_stanza_get_children(b);
+    for (; x && y; x = xmpp_stanza_get_next(x), y = xmpp_stanza_get_next(y))
+        if (!same_tree(x, y))
+            return false;
+    return !x && !y;
+}
+
+/* The inner serializer against libstrophe's own: the same tree either way, whatever it holds
+ * (nesting, empty elements, many attributes, characters that need escaping, mixed text). */
+static void test_inner_roundtrip(void)
+{
+    xmpp_stanza_t *m = parse(
+        "<message><body>1 &amp; 2 &lt; 3 &gt; 0 &apos;q&apos; &quot;d&quot;</body>"
+        "<x xmlns='jabber:x:data' type='form'><field var='a&amp;b' label='&lt;&apos;&quot;'>"
+        "<value>v</value><value/></field>text <b>bold</b> tail</x>"
+        "<many a='1' b='2' c='3' d='4' e='5' f='6' g='7' h='8' i='9' j='10' k='11' l='12' m='13' "
+        "n='14' o='15' p='16' q='17' r='18'/></message>");
+    proto_buf_t inner, wrapped;
+    proto_buf_init(&inner);
+    proto_buf_init(&wrapped);
+    CHECK(m && proto_serialize_inner(m, "r.b", &inner) == 0);
+    proto_buf_append_str(&wrapped, "<message>");
+    proto_buf_append(&wrapped, inner.data, inner.len);
+    proto_buf_append_str(&wrapped, "</message>");
+    CHECK(proto_buf_finish(&wrapped) == 0);
+    xmpp_stanza_t *back = parse(wrapped.data);
+    CHECK(back != NULL);
+    CHECK(m && back && same_tree(m, back));
+    if (back)
+        xmpp_stanza_release(back);
+    if (m)
+        xmpp_stanza_release(m);
+    proto_buf_free(&inner);
+    proto_buf_free(&wrapped);
+}
+
 int main(void)
 {
     xmpp_initialize();
     ctx = xmpp_ctx_new(NULL, NULL);
     test_fetch();
+    test_inner_roundtrip();
     test_ack_and_summary();
     test_receipt();
     test_build();
