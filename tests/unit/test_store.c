@@ -5,6 +5,7 @@
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "archive.h"
 #include "blob.h"
@@ -737,6 +738,18 @@ static void test_puts_in_one_turn(void)
     CHECK(summary_count(&b) == 43);
 }
 
+/* The archive's files and their directory, so that test runs leave nothing in /tmp. */
+static void remove_archive_dir(const char *dir, const char *path)
+{
+    static const char *const ext[] = {"", "-wal", "-shm", "-journal"};
+    char f[160];
+    for (size_t i = 0; i < sizeof ext / sizeof ext[0]; i++) {
+        snprintf(f, sizeof f, "%s%s", path, ext[i]);
+        unlink(f);
+    }
+    CHECK(rmdir(dir) == 0);
+}
+
 static void test_archive(void)
 {
     const char *eve = "eve@t1", *alice = "alice@t1";
@@ -833,6 +846,7 @@ static void test_archive(void)
     CHECK(expired == 1);
     archive_close(a);
     uv_run(&loop, UV_RUN_NOWAIT);
+    remove_archive_dir(dir, path);
 }
 
 static bool flag_value;
@@ -939,6 +953,7 @@ static void test_evict(void)
     CHECK(strncmp(put_sid, "4-", 2) == 0);
     archive_close(a);
     uv_run(&loop, UV_RUN_NOWAIT);
+    remove_archive_dir(dir, path);
 }
 
 static void on_guard(uv_timer_t *t)
