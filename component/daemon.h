@@ -34,6 +34,10 @@ typedef struct daemon {
     /* Recipients waiting for their state (component/relay.c), hashed: every message looks here. */
     struct cold_user *cold[256];
     uint64_t put_arrivals; /* messages to store so far, numbering their arrival */
+    /* Ids of the receipts this process relays: "r<instance>-<counter>", the instance drawn at
+     * start (time and a random number), so that two instances never hand out the same one. */
+    char receipt_instance[32];
+    uint64_t receipt_ids;
     uv_timer_t archive_timer;
     bool archive_inflight;
     uv_timer_t due_timer;

@@ -3,6 +3,7 @@
  * config, wires the link and the store to the router on one libuv loop, and shuts down cleanly
  * on SIGTERM/SIGINT. */
 #include <getopt.h>
+#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -280,6 +281,8 @@ int main(int argc, char **argv)
     log_set_level(d->cfg.log_level);
     srand((unsigned)time(NULL) ^ (unsigned)getpid());
     snprintf(d->epoch, sizeof d->epoch, "0");
+    snprintf(d->receipt_instance, sizeof d->receipt_instance, "%" PRIx64 "%08x",
+             (uint64_t)time(NULL), (unsigned)rand());
 
     uv_loop_t loop;
     uv_loop_init(&loop);

@@ -2,6 +2,7 @@
  * retransmit, and relay receipts back. Reads as parse -> validate -> store -> reply; everything
  * after the store happens in the store's callback, with a continuation that owns a reference to
  * the original stanza. */
+#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -17,13 +18,13 @@ typedef struct cold_user cold_user_t;
 
 typedef struct put_ctx {
     daemon_t *d;
-    xmpp_stanza_t *msg; /* our reference to the original */
+    xmpp_stanza_t *msg; /* our reference to the original; NULL for a receipt we relay */
     bool track;
     bool is_receipt;
     bool restored;             /* the recipient's state was restored once already */
     struct put_ctx *next_cold; /* queued behind a cold recipient (see put_cold) */
     uint64_t arrival;          /* order of arrival, which the cold queue keeps */
-    const char *recipient, *sender_bare, *sender_full; /* in strs */
+    const char *recipient, *sender_bare, *sender_full, *orig_id; /* in strs; orig_id "" if none */
     int64_t stamp_ms;
     proto_buf_t blob; /* what was stored, pushed as it is when the recipient is online */
     /* Only as long as the JIDs are: under overload tens of thousands of these wait for Redis,
@@ -87,7 +88,8 @@ static void send_stored(daemon_t *d, xmpp_stanza_t *msg, const char *sid)
 
 static void put_ctx_free(put_ctx_t *pc)
 {
-    xmpp_stanza_release(pc->msg);
+    if (pc->msg)
+        xmpp_stanza_release(pc->msg);
     proto_buf_free(&pc->blob);
     free(pc);
 }
@@ -207,9 +209,9 @@ static void cold_next(daemon_t *d, cold_user_t *c)
         cold_remove(d, c);
         return;
     }
-    const char *oid = xmpp_stanza_get_id(pc->msg);
+    const char *oid = pc->orig_id;
     char origin[PROTO_JID_MAX + 256], suffix[9];
-    snprintf(origin, sizeof origin, "%s %s", pc->sender_bare, oid ? oid : "");
+    snprintf(origin, sizeof origin, "%s %s", pc->sender_bare, oid);
     snprintf(suffix, sizeof suffix, "%08x", (unsigned)rand());
     archive_msg_t m = {NULL,         pc->stamp_ms, pc->blob.data,
                        pc->blob.len, "",           pc->track && oid && *oid ? origin : NULL};
@@ -331,7 +333,7 @@ static void put_start(put_ctx_t *pc)
     store_put_t req = {
         .user = pc->recipient,
         .sender = pc->sender_bare,
-        .orig_id = xmpp_stanza_get_id(pc->msg),
+        .orig_id = *pc->orig_id ? pc->orig_id : NULL,
         .blob = pc->blob.data,
         .blob_len = pc->blob.len,
         .track = pc->track,
@@ -346,42 +348,58 @@ static void put_start(put_ctx_t *pc)
         on_put(pc, rc, NULL); /* not queued, so on_put would never run: answer now */
 }
 
-/* Stores msg for recipient and continues in on_put. blob_from is who wrote it (full JID). */
-static void relay_store(daemon_t *d, xmpp_stanza_t *msg, const char *recipient,
-                        const char *sender_bare, const char *blob_from, bool track, bool is_receipt)
+/* A put of a message for recipient, written by blob_from (full JID; sender_bare is its bare
+ * JID) with the original id orig_id (NULL: none): the blob is the caller's to encode. */
+static put_ctx_t *put_ctx_new(daemon_t *d, const char *recipient, const char *sender_bare,
+                              const char *blob_from, const char *orig_id, bool track,
+                              bool is_receipt)
 {
-    proto_buf_t inner;
-    proto_buf_init(&inner);
-    size_t lr = strlen(recipient) + 1, lf = strlen(blob_from) + 1, lb = strlen(sender_bare) + 1;
-    put_ctx_t *pc = malloc(sizeof *pc + lr + lf + lb);
-    if (!pc || proto_serialize_inner(msg, d->cfg.jid, &inner) < 0)
-        goto oom;
+    if (!orig_id)
+        orig_id = "";
+    size_t lr = strlen(recipient) + 1, lf = strlen(blob_from) + 1, lb = strlen(sender_bare) + 1,
+           lo = strlen(orig_id) + 1;
+    put_ctx_t *pc = malloc(sizeof *pc + lr + lf + lb + lo);
+    if (!pc)
+        return NULL;
     memset(pc, 0, sizeof *pc);
     pc->recipient = memcpy(pc->strs, recipient, lr);
     pc->sender_full = memcpy(pc->strs + lr, blob_from, lf);
     pc->sender_bare = memcpy(pc->strs + lr + lf, sender_bare, lb);
+    pc->orig_id = memcpy(pc->strs + lr + lf + lb, orig_id, lo);
     proto_buf_init(&pc->blob);
     pc->stamp_ms = daemon_now_ms();
+    pc->d = d;
+    pc->arrival = ++d->put_arrivals;
+    pc->track = track;
+    pc->is_receipt = is_receipt;
+    return pc;
+}
+
+/* Stores msg for recipient and continues in on_put. blob_from is who wrote it (full JID). */
+static void relay_store(daemon_t *d, xmpp_stanza_t *msg, const char *recipient,
+                        const char *sender_bare, const char *blob_from, bool track)
+{
+    proto_buf_t inner;
+    proto_buf_init(&inner);
+    put_ctx_t *pc =
+        put_ctx_new(d, recipient, sender_bare, blob_from, xmpp_stanza_get_id(msg), track, false);
+    if (!pc || proto_serialize_inner(msg, d->cfg.jid, &inner) < 0)
+        goto oom;
     store_blob_encode(&pc->blob, pc->stamp_ms, track ? STORE_BLOB_RECEIPT : 0, blob_from,
                       xmpp_stanza_get_type(msg), xmpp_stanza_get_id(msg),
                       inner.data ? inner.data : "", inner.len);
     proto_buf_free(&inner);
-    if (proto_buf_finish(&pc->blob) < 0) {
-        proto_buf_free(&pc->blob);
+    if (proto_buf_finish(&pc->blob) < 0)
         goto oom;
-    }
-    pc->d = d;
-    pc->arrival = ++d->put_arrivals;
     pc->msg = xmpp_stanza_clone(msg);
-    pc->track = track;
-    pc->is_receipt = is_receipt;
     put_start(pc);
     return;
 oom:
+    if (pc)
+        proto_buf_free(&pc->blob);
     free(pc);
     proto_buf_free(&inner);
-    if (!is_receipt)
-        daemon_reply_error(d, msg, "wait", "resource-constraint", "out of memory");
+    daemon_reply_error(d, msg, "wait", "resource-constraint", "out of memory");
 }
 
 /* ---- receipts ----------------------------------------------------------------------------- */
@@ -394,46 +412,43 @@ typedef struct ack_ctx {
 void relay_send_receipts(daemon_t *d, const char *acker_full, const store_item_t *items, size_t n)
 {
     proto_jid_t acker;
-    char acker_bare[PROTO_JID_MAX], from[PROTO_JID_MAX + 256];
+    char acker_bare[PROTO_JID_MAX];
     if (proto_jid_parse(acker_full, &acker) < 0 ||
-        proto_jid_format_bare(&acker, acker_bare, sizeof acker_bare) < 0 ||
-        daemon_relay_address(d, acker_bare, from, sizeof from) < 0)
+        proto_jid_format_bare(&acker, acker_bare, sizeof acker_bare) < 0)
         return;
     store_blob_t *b = malloc(sizeof *b);
     if (!b)
         return;
+    proto_buf_t inner;
+    proto_buf_init(&inner);
     for (size_t i = 0; i < n; i++) {
         proto_jid_t sender;
-        char sender_bare[PROTO_JID_MAX];
+        char sender_bare[PROTO_JID_MAX], id[64];
         if (store_blob_decode(items[i].blob, items[i].blob_len, b) < 0 ||
             !(b->flags & STORE_BLOB_RECEIPT) || !b->id[0] || proto_jid_parse(b->from, &sender) < 0)
             continue;
         proto_jid_format_bare(&sender, sender_bare, sizeof sender_bare);
         /* The receipt travels like any message without a request: live to the sender's online
-         * resources, else into the sender's offline queue. */
-        xmpp_stanza_t *msg = xmpp_message_new(d->ctx, NULL, sender_bare, NULL);
-        xmpp_stanza_t *rcv = xmpp_stanza_new(d->ctx);
-        if (!msg || !rcv) {
-            if (msg)
-                xmpp_stanza_release(msg);
-            if (rcv)
-                xmpp_stanza_release(rcv);
+         * resources, else into the sender's offline queue. It is written as the stored text
+         * directly, a few hundred times per acked page, rather than built as a stanza first.
+         * Its id only has to be unique (daemon.h, receipt_instance). */
+        proto_buf_reset(&inner);
+        proto_buf_append_str(&inner, "<received xmlns='" NS_RECEIPTS "'");
+        proto_buf_append_attr(&inner, "id", b->id);
+        proto_buf_append_str(&inner, "/>");
+        snprintf(id, sizeof id, "r%s-%" PRIx64, d->receipt_instance, ++d->receipt_ids);
+        put_ctx_t *pc = put_ctx_new(d, sender_bare, acker_bare, acker_full, id, false, true);
+        if (!pc)
+            break;
+        store_blob_encode(&pc->blob, pc->stamp_ms, 0, acker_full, NULL, id, inner.data, inner.len);
+        if (inner.failed || proto_buf_finish(&pc->blob) < 0) {
+            put_ctx_free(pc);
             break;
         }
-        char *id = xmpp_uuid_gen(d->ctx);
-        if (id) {
-            xmpp_stanza_set_id(msg, id);
-            xmpp_free(d->ctx, id);
-        }
-        xmpp_stanza_set_from(msg, from);
-        xmpp_stanza_set_name(rcv, "received");
-        xmpp_stanza_set_ns(rcv, NS_RECEIPTS);
-        xmpp_stanza_set_attribute(rcv, "id", b->id);
-        xmpp_stanza_add_child_ex(msg, rcv, 0);
-        relay_store(d, msg, sender_bare, acker_bare, acker_full, false, true);
-        xmpp_stanza_release(msg);
+        put_start(pc);
         d->stats.receipts_relayed++;
     }
+    proto_buf_free(&inner);
     free(b);
 }
 
@@ -503,5 +518,5 @@ void relay_handle_message(daemon_t *d, xmpp_stanza_t *msg, const route_t *r)
         daemon_reply_error(d, msg, "modify", "bad-request", "id or type too long");
         return;
     }
-    relay_store(d, msg, r->peer_bare, r->from_bare, r->from, track, false);
+    relay_store(d, msg, r->peer_bare, r->from_bare, r->from, track);
 }

@@ -170,6 +170,24 @@ static void test_inner_and_compose(void)
         CHECK(last && strcmp(xmpp_stanza_get_attribute(last, "id"), "3-ab") == 0);
         xmpp_stanza_release(fwd);
     }
+    store_blob_t *b2 = malloc(sizeof *b2);
+    /* The header is exactly what the Lua scripts match: "1 STAMP FLAGS LF LT LI\n". */
+    proto_buf_t h;
+    proto_buf_init(&h);
+    store_blob_encode(&h, -42, 3, "f", NULL, "", "<x/>", 4);
+    CHECK(proto_buf_finish(&h) == 0 && h.len == 19 &&
+          memcmp(h.data, "1 -42 3 1 0 0\nf<x/>", 19) == 0);
+    CHECK(store_blob_decode(h.data, h.len, b2) == 0 && b2->stamp_ms == -42 && b2->flags == 3 &&
+          strcmp(b2->from, "f") == 0 && b2->type[0] == '\0' && b2->inner_len == 4);
+    proto_buf_free(&h);
+    const char *bad[] = {"1 +5 0 0 0 0\n", "1  5 0 0 0 0\n",
+                         "1 5 0 0 0 0",    "2 5 0 0 0 0\n",
+                         "1 5 0 0 0 0 \n", "1 1234567890123456789 0 0 0 0\n",
+                         "1 5 0 0 0 x\n",  "1 5 4294967296 0 0 0\n",
+                         "1 -\n",          ""};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
+        CHECK(store_blob_decode(bad[i], strlen(bad[i]), b2) < 0);
+    free(b2);
     free(b);
     proto_buf_free(&inner);
     proto_buf_free(&blob);
