@@ -412,9 +412,11 @@ typedef struct ack_ctx {
 void relay_send_receipts(daemon_t *d, const char *acker_full, const store_item_t *items, size_t n)
 {
     proto_jid_t acker;
-    char acker_bare[PROTO_JID_MAX];
+    char acker_bare[PROTO_JID_MAX], from[PROTO_JID_MAX + 256];
+    /* The pushes of these receipts will come from the acker's relay address: it must exist. */
     if (proto_jid_parse(acker_full, &acker) < 0 ||
-        proto_jid_format_bare(&acker, acker_bare, sizeof acker_bare) < 0)
+        proto_jid_format_bare(&acker, acker_bare, sizeof acker_bare) < 0 ||
+        daemon_relay_address(d, acker_bare, from, sizeof from) < 0)
         return;
     store_blob_t *b = malloc(sizeof *b);
     if (!b)

@@ -23,6 +23,7 @@
 #define PUT_BATCH_MAX 32
 
 static void put_flush(store_t *st);
+static void fail_unsent_puts(store_t *st);
 
 static void maybe_free(store_t *st)
 {
@@ -156,6 +157,7 @@ void store_close(store_t *st)
     /* While the connections still take commands. */
     store__index_flush(st);
     put_flush(st);
+    fail_unsent_puts(st); /* the turn_end handle closes now */
     st->closing = true;
     st->connected = false;
     uv_timer_stop(&st->tick);
@@ -682,6 +684,16 @@ static int send_argv(store_t *st, req_t *rq, int argc, const char **argv, const 
  * five keys, the epoch and the dedupe window, then the put's own eleven arguments. */
 enum { PUT_KEYS = 5, PUT_ARGS = 11, PUT_ARGC = 3 + PUT_KEYS + 2 + PUT_ARGS };
 
+static void fail_unsent_puts(store_t *st)
+{
+    req_t *rq = req_list_take(&st->puts_failed);
+    while (rq) {
+        req_t *next = rq->next;
+        store__req_fail(rq, STORE_EDOWN);
+        rq = next;
+    }
+}
+
 static void on_turn_end(uv_check_t *h)
 {
     store_t *st = h->data;
@@ -689,6 +701,7 @@ static void on_turn_end(uv_check_t *h)
     st->turn_scheduled = false;
     store__index_flush(st);
     put_flush(st);
+    fail_unsent_puts(st);
 }
 
 void store__schedule_turn_end(store_t *st)
@@ -743,6 +756,18 @@ static req_t *put_many_new(store_t *st, req_t *all, unsigned n)
     return rq;
 }
 
+/* On the put lane (the only connection unless wait_replicas): a request that cannot be sent
+ * fails when the turn ends, not inside the store call that flushed it. */
+static void put_send(store_t *st, req_t *rq)
+{
+    rq->conn = rconn_lane(st->single, true);
+    if (rconn_send(rq->conn, store__on_reply, rq, rq->argc, rq->argv, rq->lens) < 0) {
+        rq->conn = NULL;
+        req_list_push(&st->puts_failed, rq);
+        store__schedule_turn_end(st);
+    }
+}
+
 /* Sends the gathered puts: one alone as itself, more as one put_many call whose reply
  * reply_put_many splits. That call counts as one more request in flight until it is answered
  * (its puts were counted when they were made). */
@@ -753,21 +778,19 @@ static void put_flush(store_t *st)
     st->nputs = 0;
     if (!all)
         return;
-    req_t *rq = all;
-    if (n > 1) {
-        if (!(rq = put_many_new(st, all, n))) {
-            while (all) {
-                req_t *p = all;
-                all = p->next;
-                store__req_fail(p, STORE_ENOMEM);
-            }
-            return;
-        }
+    req_t *batch = n > 1 ? put_many_new(st, all, n) : NULL;
+    if (batch) {
         st->inflight++;
+        put_send(st, batch);
+        return;
     }
-    rq->conn = rconn_lane(st->single, true);
-    if (rconn_send(rq->conn, store__on_reply, rq, rq->argc, rq->argv, rq->lens) < 0)
-        store__req_fail(rq, STORE_EDOWN);
+    /* One put, or no memory for the call: each goes alone. */
+    while (all) {
+        req_t *next = all->next;
+        all->next = NULL;
+        put_send(st, all);
+        all = next;
+    }
 }
 
 /* Takes a put on a single Redis: it leaves with the others of this loop turn. rq is consumed

@@ -123,6 +123,9 @@ struct store {
      * before any other command (so Redis still sees every command in the order it was made). */
     req_list_t puts;
     unsigned nputs;
+    /* Gathered puts that could not be sent: they fail when the turn ends, so that no put's
+     * callback runs inside another store call (put_flush runs from several). */
+    req_list_t puts_failed;
     uv_check_t turn_end; /* flushes what a loop turn gathered: ixb and puts */
     bool turn_scheduled;
     unsigned wait_replicas; /* WAIT for this many replicas after a put, before answering it */

@@ -1034,6 +1034,14 @@ static void test_wait_replicas(const store_config_t *base)
     st = s2;
     CHECK(put("waiter@t1", "alice@t1", "w1", true, 100, 5000) == 0);
     CHECK(put_err == STORE_EDOWN);
+    /* Puts of one turn go as one call, held for one WAIT: each fails once, on its own. */
+    turn_put_t t[3];
+    for (int i = 0; i < 3; i++)
+        put_in_turn("waiter@t1", i == 0 ? "wa" : i == 1 ? "wb" : "wc", true, 100, &t[i]);
+    done = 1;
+    run_until_turn_done();
+    for (int i = 0; i < 3; i++)
+        CHECK(t[i].calls == 1 && t[i].err == STORE_EDOWN);
     st = keep;
     CHECK(put("waiter@t1", "alice@t1", "w1", true, 100, 5000) == 0);
     CHECK(put_err == 0 && put_res.status == STORE_PUT_DUP);
