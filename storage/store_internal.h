@@ -107,7 +107,7 @@ struct store {
     unsigned max_inflight;
     bool connected; /* a single Redis: its connection is ready; a cluster: every master's is */
     bool closing;
-    int handles_closed; /* of tick and ixcheck */
+    int handles_closed; /* of tick and turn_end */
     unsigned conns;     /* rconns not yet freed: the store outlives them */
     unsigned inflight;  /* requests accepted and not yet answered (sent, parked or waiting) */
     char sha[STORE_SCRIPT_COUNT][41];

@@ -29,6 +29,9 @@ int main(void)
     CHECK(s < STORE_SHARDS && s == store_user_shard("bob@example.com"));
     CHECK(store_index_key(a, sizeof a, 3, "due") == 0 && strcmp(a, "rd:{#3}:due") == 0);
     CHECK(store_index_key(b, sizeof b, 3, "act") == 0 && slot(a) == slot(b));
+    CHECK(store_index_key(a, sizeof a, 15, "online") == 0 && strcmp(a, "rd:{#15}:online") == 0);
+    CHECK(store_index_key(a, 16, 15, "online") == 0 && strcmp(a, "rd:{#15}:online") == 0);
+    CHECK(store_index_key(a, 15, 15, "online") == -1); /* no room for the NUL */
     unsigned seen = 0;
     for (unsigned i = 0; i < STORE_SHARDS; i++) {
         store_index_key(a, sizeof a, i, "due");
