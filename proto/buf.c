@@ -93,3 +93,17 @@ int proto_buf_finish(proto_buf_t *b)
     b->data[b->len] = '\0';
     return 0;
 }
+
+size_t proto_format_u64(char *buf, uint64_t v)
+{
+    char rev[PROTO_U64_MAX];
+    size_t n = 0;
+    do {
+        rev[n++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    for (size_t i = 0; i < n; i++)
+        buf[i] = rev[n - 1 - i];
+    buf[n] = '\0';
+    return n;
+}

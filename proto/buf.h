@@ -6,6 +6,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 typedef struct proto_buf {
     char *data;
@@ -23,6 +24,10 @@ void proto_buf_append_str(proto_buf_t *b, const char *s);
 void proto_buf_append_xml(proto_buf_t *b, const char *s);
 /* Appends " name='value'" with value escaped; nothing when value is NULL. */
 void proto_buf_append_attr(proto_buf_t *b, const char *name, const char *value);
+/* Writes v in decimal and a NUL into buf (PROTO_U64_MAX bytes); returns the digits' length. By
+ * hand, not snprintf: it runs several times for every message stored. */
+#define PROTO_U64_MAX 21
+size_t proto_format_u64(char *buf, uint64_t v);
 /* Returns 0 and a NUL-terminated data, or -1 when any append failed for lack of memory. */
 int proto_buf_finish(proto_buf_t *b);
 

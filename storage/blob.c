@@ -4,18 +4,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Appends v in decimal: the header is written for every message stored, and snprintf was a
- * noticeable share of that. */
 static void append_u64(proto_buf_t *b, uint64_t v, char after)
 {
-    char digits[24];
-    size_t i = sizeof digits;
-    digits[--i] = after;
-    do {
-        digits[--i] = (char)('0' + v % 10);
-        v /= 10;
-    } while (v);
-    proto_buf_append(b, digits + i, sizeof digits - i);
+    char digits[PROTO_U64_MAX + 1];
+    size_t n = proto_format_u64(digits, v);
+    digits[n] = after;
+    proto_buf_append(b, digits, n + 1);
 }
 
 void store_blob_encode(proto_buf_t *b, int64_t stamp_ms, unsigned flags, const char *from,

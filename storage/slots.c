@@ -5,6 +5,8 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "buf.h"
+
 uint16_t store_crc16(const char *buf, size_t len)
 {
     uint16_t crc = 0;
@@ -36,17 +38,12 @@ unsigned store_user_shard(const char *user)
 /* Four of these per put on a single Redis: no snprintf (see store_cmd_add_num). */
 int store_index_key(char *buf, size_t len, unsigned shard, const char *name)
 {
-    char num[12];
-    size_t i = sizeof num, nl = strlen(name);
-    do {
-        num[--i] = (char)('0' + shard % 10);
-        shard /= 10;
-    } while (shard);
-    size_t dl = sizeof num - i;
+    char num[PROTO_U64_MAX];
+    size_t dl = proto_format_u64(num, shard), nl = strlen(name);
     if (5 + dl + 2 + nl + 1 > len)
         return -1;
     memcpy(buf, "rd:{#", 5);
-    memcpy(buf + 5, num + i, dl);
+    memcpy(buf + 5, num, dl);
     memcpy(buf + 5 + dl, "}:", 2);
     memcpy(buf + 7 + dl, name, nl + 1);
     return 0;

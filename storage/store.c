@@ -13,6 +13,7 @@
 #include <string.h>
 #include <strophe.h>
 
+#include "buf.h"
 #include "scripts.h"
 #include "store_internal.h"
 #include "rconn.h"
@@ -873,17 +874,10 @@ void store_cmd_add_bin(cmd_t *c, const char *s, size_t n)
  * eleven calls per put with the index keys, stood out in receiptd's profile of the store path. */
 void store_cmd_add_num(cmd_t *c, int64_t v)
 {
-    char *buf = c->nums[c->nnums++], digits[24];
-    uint64_t u = v < 0 ? 0 - (uint64_t)v : (uint64_t)v;
-    size_t i = sizeof digits;
-    do {
-        digits[--i] = (char)('0' + u % 10);
-        u /= 10;
-    } while (u);
+    char *buf = c->nums[c->nnums++];
     if (v < 0)
-        digits[--i] = '-';
-    memcpy(buf, digits + i, sizeof digits - i);
-    buf[sizeof digits - i] = '\0';
+        *buf = '-';
+    proto_format_u64(buf + (v < 0), v < 0 ? 0 - (uint64_t)v : (uint64_t)v);
     store_cmd_add(c, buf);
 }
 

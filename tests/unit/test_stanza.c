@@ -170,6 +170,9 @@ static void test_inner_and_compose(void)
         CHECK(last && strcmp(xmpp_stanza_get_attribute(last, "id"), "3-ab") == 0);
         xmpp_stanza_release(fwd);
     }
+    char num[PROTO_U64_MAX];
+    CHECK(proto_format_u64(num, 0) == 1 && strcmp(num, "0") == 0);
+    CHECK(proto_format_u64(num, UINT64_MAX) == 20 && strcmp(num, "18446744073709551615") == 0);
     store_blob_t *b2 = malloc(sizeof *b2);
     /* The header is exactly what the Lua scripts match: "1 STAMP FLAGS LF LT LI\n". */
     proto_buf_t h;
