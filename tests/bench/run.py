@@ -579,6 +579,13 @@ def redis_bench(n, fsync, script, per_call=1):
     return (float(m.group(1)) if m else 0.0), 1e6 * cpu / n
 
 
+def redis_bench_batched(n, fsync, script, per_call):
+    """redis_bench for n messages, per_call of them in each script call: (msg/s, Redis CPU
+    microseconds per message)."""
+    calls, us = redis_bench(max(n // per_call, 1), fsync, script, per_call)
+    return calls * per_call, us / per_call
+
+
 # The most puts receiptd sends in one put_many call (storage/store.c, PUT_BATCH_MAX): at
 # saturation every loop turn gathers that many.
 PUTS_PER_CALL = 32
@@ -591,10 +598,8 @@ def ceiling(n, fsync):
     def src(name):
         return subprocess.run([os.path.join(BUILD, "tests", "bench", "dump_script"), name],
                               capture_output=True, text=True).stdout
-    one = redis_bench(n, fsync, src("put"))
-    k = PUTS_PER_CALL
-    calls, us = redis_bench(max(n // k, 1), fsync, src("put_many"), k)
-    return one[0], one[1], calls * k, us / k
+    return (redis_bench(n, fsync, src("put"))
+            + redis_bench_batched(n, fsync, src("put_many"), PUTS_PER_CALL))
 
 
 # ---- 5. Redis Cluster scaling ----------------------------------------------------------------
@@ -1401,11 +1406,10 @@ def main():
             floor[key] = [redis_bench(a.n, a.fsync, src) for _ in range(a.runs)]
             row("floor: %s (calls/s; Redis CPU us per call)" % label, "%s; %s" % (
                 show(floor[key], 0), show(floor[key], 1, "%.1f")))
-        k = PUTS_PER_CALL
-        floor["queue_many"] = [(c * k, us / k) for c, us in (
-            redis_bench(max(a.n // k, 1), a.fsync, QUEUE_MANY, k) for _ in range(a.runs))]
+        floor["queue_many"] = [redis_bench_batched(a.n, a.fsync, QUEUE_MANY, PUTS_PER_CALL)
+                               for _ in range(a.runs)]
         row("floor: the ordered queue, %d messages per script call (msg/s; Redis CPU us per "
-            "message)" % k, "%s; %s" % (show(floor["queue_many"], 0),
+            "message)" % PUTS_PER_CALL, "%s; %s" % (show(floor["queue_many"], 0),
                                         show(floor["queue_many"], 1, "%.1f")))
         # What the ceiling and the floors prove, in this run's own numbers.
         if c_rate:
