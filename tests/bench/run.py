@@ -53,7 +53,6 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -93,12 +92,6 @@ SECTIONS = [compare.HEAD, CLUSTER_HEAD]
 
 class BenchError(Exception):
     pass
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def status_kb(pid, key):
@@ -228,7 +221,7 @@ def redis_persistence(fsync):
 
 class Redis(RedisCli):
     def __init__(self, fsync):
-        super().__init__(free_port())
+        super().__init__(harness.free_port())
         self.dir = tempfile.mkdtemp(prefix="receiptd-bench-redis-")
         self.log = os.path.join(self.dir, "redis.log")
         self.proc = subprocess.Popen(
@@ -273,7 +266,7 @@ def store_run(n, rate, window, fsync, receiptd=None):
     the before/after part); returns a dict of figures."""
     redis = Redis(fsync)
     tmp = tempfile.mkdtemp(prefix="receiptd-bench-")
-    port = free_port()
+    port = harness.free_port()
     ini = os.path.join(tmp, "receiptd.ini")
     write_ini(ini, port, redis.port)
     mem0 = int(redis.info("memory")["used_memory"])
@@ -334,7 +327,7 @@ def retrieval_run(q, fsync, senders_online=False, perf_data=None, receiptd=None)
     """loadgen queues q messages for r0@localhost, then retrieves them as r0; see the top."""
     redis = Redis(fsync)
     tmp = tempfile.mkdtemp(prefix="receiptd-bench-")
-    port = free_port()
+    port = harness.free_port()
     ini = os.path.join(tmp, "receiptd.ini")
     write_ini(ini, port, redis.port)
     args = [LOADGEN, "--port", str(port), "--secret", "bench", "-n", str(q), "--recipients", "1",
@@ -642,7 +635,7 @@ class BenchCluster:
     @staticmethod
     def _ports(used):
         while True:
-            a, b = free_port(), free_port()
+            a, b = harness.free_port(), harness.free_port()
             if a != b and not {a, b} & used:
                 used.update((a, b))
                 return a, b
@@ -754,7 +747,7 @@ def cluster_run(masters, replicas, wait, n, fsync):
     pids = [db.proc.pid] if masters == 0 else db.pids()
     n_masters = max(masters, 1)
     tmp = tempfile.mkdtemp(prefix="receiptd-bench-cl-")
-    port = free_port()
+    port = harness.free_port()
     ini = os.path.join(tmp, "receiptd.ini")
     if masters == 0:
         write_ini(ini, port, db.port)

@@ -24,6 +24,8 @@ import sys
 import tempfile
 import time
 
+import ports  # tests/e2e/ports.py: port reservations shared by every suite
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 
@@ -57,10 +59,8 @@ class HarnessError(Exception):
 
 
 def free_port():
-    """A free TCP port on 127.0.0.1 (bound then released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free TCP port on 127.0.0.1, reserved for this process (see ports.py)."""
+    return ports.reserve()
 
 
 def port_open(port, host="127.0.0.1"):

@@ -16,12 +16,14 @@ import hashlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ET
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "e2e"))
+import ports  # noqa: E402  (tests/e2e/ports.py: port reservations shared by every suite)
 
 C = "receipts.localhost"
 SECRET = "hostile-secret"
@@ -31,9 +33,7 @@ ALICE = "alice@localhost/phone"
 
 
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return ports.reserve()
 
 
 class Link:

@@ -4,18 +4,20 @@
 # gets the client ports in CLUSTER_PORTS, space-separated.
 set -euo pipefail
 dir=$(mktemp -d)
-free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+ports_py=$(dirname "$0")/../e2e/ports.py
 pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill -CONT "$p" 2>/dev/null || true; kill "$p" 2>/dev/null || true; done
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
   rm -rf "$dir"
+  /usr/bin/python3 "$ports_py" release $$
 }
 trap cleanup EXIT
 ports=()
+read -r -a free < <(/usr/bin/python3 "$ports_py" reserve $$ 6)
 for i in 0 1 2; do
-  port=$(free_port)
-  bus=$(free_port)
+  port=${free[$((2 * i))]}
+  bus=${free[$((2 * i + 1))]}
   mkdir "$dir/$i"
   redis-server --port "$port" --cluster-port "$bus" --bind 127.0.0.1 --cluster-enabled yes \
     --cluster-config-file "$dir/$i/nodes.conf" --dir "$dir/$i" --save '' --appendonly no \
