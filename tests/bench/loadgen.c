@@ -9,6 +9,12 @@
  * (a wait error when Redis did not answer in time: a client would retry, loadgen counts it).
  * With no answer at all for --stall seconds (60) it gives up and exits 1.
  *
+ * --warmup W: the first W of the N messages are a warm-up at the same rate, so that the figures
+ * describe the steady state: the percentiles and the rate count only the messages after them
+ * (timed from the first of those being sent), and the warm-up's own p99 is printed apart as
+ * warm_p99_ms. With W >= R every recipient gets state in Redis during the warm-up, which is the
+ * one-time cost of a new user (storage/SCHEMA.md, "cold").
+ *
  * With --fetch it then plays recipient r0@localhost (use --recipients 1 so that all N messages are
  * in that one queue) and retrieves the queue as a client would (fetcher.h): prints the store line
  * prefixed "queued", then with --pause waits for a line on stdin (so the caller can measure
@@ -18,7 +24,7 @@
  * loadgen, which counts them.
  *
  * usage: loadgen --port P --secret S [-n N] [--senders S] [--recipients R] [--window W]
- *                [--rate MSGS_PER_S] [--domain C] [--stall S] [--fetch [--batch B] [--max-acks A]
+ *                [--rate MSGS_PER_S] [--warmup W] [--domain C] [--stall S] [--fetch [--batch B] [--max-acks A]
  * [--pause]
  * [--senders-online]]
  */
@@ -41,9 +47,10 @@ typedef struct gen {
     const char *secret, *domain;
     long n, senders, recipients, window, rate;
     long sent, acked, in_flight, errors;
-    uint64_t *sent_at; /* ns, per message index */
-    uint64_t *latency; /* ns, per acked message */
-    uint64_t start_ns, end_ns;
+    long warmup, measured, warmed; /* --warmup; acked after it; acked within it */
+    uint64_t *sent_at;             /* ns, per message index */
+    uint64_t *latency, *warm_latency; /* ns, per acked message after / within the warm-up */
+    uint64_t start_ns, end_ns, measure_ns; /* measure_ns: message `warmup` was sent */
     int phase; /* 0 header, 1 handshake, 2 storing, 3 waiting for go, 4 retrieving */
     char stream_id[64];
     char *in;
@@ -96,6 +103,8 @@ static void send_messages(gen_t *g, long count)
         long i = g->sent++;
         g->in_flight++;
         g->sent_at[i] = uv_hrtime();
+        if (i == g->warmup)
+            g->measure_ns = g->sent_at[i];
         off += (size_t)snprintf(buf + off, sizeof buf - off,
                                 "<message from='s%ld@localhost/r' to='r%ld\\40localhost@%s' "
                                 "id='g%ld' type='chat'><body>%s</body>"
@@ -141,12 +150,19 @@ static double pct(const uint64_t *v, long n, double p)
 static void print_store(gen_t *g, const char *prefix)
 {
     double secs = (double)(g->end_ns - g->start_ns) / 1e9;
-    qsort(g->latency, (size_t)g->acked, sizeof *g->latency, cmp_u64);
+    uint64_t from = g->warmup && g->measure_ns ? g->measure_ns : g->start_ns;
+    double measured_secs = (double)(g->end_ns - from) / 1e9;
+    qsort(g->latency, (size_t)g->measured, sizeof *g->latency, cmp_u64);
+    qsort(g->warm_latency, (size_t)g->warmed, sizeof *g->warm_latency, cmp_u64);
     printf("%sacked=%ld errors=%ld seconds=%.3f rate=%.0f p50_ms=%.3f p99_ms=%.3f p999_ms=%.3f "
-           "gen_cpu=%.0f%%\n",
-           prefix, g->acked, g->errors, secs, (double)g->acked / secs,
-           pct(g->latency, g->acked, 0.50), pct(g->latency, g->acked, 0.99),
-           pct(g->latency, g->acked, 0.999), 100.0 * cpu_seconds() / (secs > 0 ? secs : 1));
+           "gen_cpu=%.0f%%",
+           prefix, g->acked, g->errors, secs,
+           (double)g->measured / (measured_secs > 0 ? measured_secs : 1),
+           pct(g->latency, g->measured, 0.50), pct(g->latency, g->measured, 0.99),
+           pct(g->latency, g->measured, 0.999), 100.0 * cpu_seconds() / (secs > 0 ? secs : 1));
+    if (g->warmup)
+        printf(" warmup=%ld warm_p99_ms=%.3f", g->warmup, pct(g->warm_latency, g->warmed, 0.99));
+    printf("\n");
     fflush(stdout);
 }
 
@@ -234,9 +250,14 @@ static void answered(gen_t *g, long i, bool ok)
 {
     if (i < 0 || !g->sent_at[i])
         return;
-    if (ok)
-        g->latency[g->acked++] = uv_hrtime() - g->sent_at[i];
-    else
+    if (ok) {
+        uint64_t ns = uv_hrtime() - g->sent_at[i];
+        g->acked++;
+        if (i < g->warmup)
+            g->warm_latency[g->warmed++] = ns;
+        else
+            g->latency[g->measured++] = ns;
+    } else
         g->errors++;
     g->sent_at[i] = 0;
     g->in_flight--;
@@ -411,7 +432,8 @@ int main(int argc, char **argv)
         {"domain", required_argument, NULL, 'd'},   {"fetch", no_argument, NULL, 'F'},
         {"batch", required_argument, NULL, 'b'},    {"max-acks", required_argument, NULL, 'A'},
         {"pause", no_argument, NULL, 'P'},          {"stall", required_argument, NULL, 'T'},
-        {"senders-online", no_argument, NULL, 'O'}, {NULL, 0, NULL, 0},
+        {"senders-online", no_argument, NULL, 'O'}, {"warmup", required_argument, NULL, 'W'},
+        {NULL, 0, NULL, 0},
     };
     gen_t g = {.secret = "bench",
                .domain = "receipts.localhost",
@@ -467,6 +489,9 @@ int main(int argc, char **argv)
         case 'T':
             g.stall_s = atoi(optarg);
             break;
+        case 'W':
+            g.warmup = atol(optarg);
+            break;
         default:
             fprintf(stderr, "usage: see the comment at the top of loadgen.c\n");
             return 2;
@@ -474,7 +499,12 @@ int main(int argc, char **argv)
     }
     memset(g.body, 'x', 250);
     g.sent_at = calloc((size_t)g.n, sizeof *g.sent_at);
+    if (g.warmup < 0 || g.warmup >= g.n) {
+        fprintf(stderr, "loadgen: --warmup must be below -n\n");
+        return 2;
+    }
     g.latency = calloc((size_t)g.n, sizeof *g.latency);
+    g.warm_latency = calloc((size_t)(g.warmup ? g.warmup : 1), sizeof *g.warm_latency);
     g.loop = uv_default_loop();
     uv_tcp_init(g.loop, &g.server);
     g.server.data = &g;
