@@ -20,13 +20,14 @@
  * helpers it calls: Lua builds every one of them again at each call, which the put, run once per
  * message, would pay for nothing. */
 #define LUA_ONLINE                                                                                 \
+    "local EPOCH_N = tonumber(EPOCH)\n"                                                            \
     "local function epoch() return EPOCH end\n"                                                    \
     "local function register(P, res)\n"                                                            \
     "  local cur = tonumber(redis.call('HGET', P .. ':r', res) or '0')\n"                          \
     "  if tonumber(epoch()) > cur then redis.call('HSET', P .. ':r', res, epoch()) end\n"          \
     "end\n"                                                                                        \
     "local function online(P)\n"                                                                   \
-    "  local res, rs, cur = {}, redis.call('HGETALL', P .. ':r'), tonumber(epoch())\n"             \
+    "  local res, rs, cur = {}, redis.call('HGETALL', P .. ':r'), EPOCH_N\n"                       \
     "  if cur == 0 then return res end\n"                                                          \
     "  for i = 1, #rs, 2 do if tonumber(rs[i + 1]) >= cur then res[#res + 1] = rs[i] end end\n"    \
     "  return res\n"                                                                               \
@@ -41,19 +42,23 @@
  * (one per message, with a TTL) and P:k are what earlier versions wrote; a put still honours the
  * first and a purge deletes the second, until they are gone. */
 #define LUA_DEDUPE                                                                                 \
+    "local window_at, window_keys = nil, nil\n"                                                    \
     "local function window_now()\n"                                                                \
+    "  if window_at then return window_at end\n"                                                   \
     "  local t = redis.call('TIME')\n"                                                             \
-    "  return math.floor((tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)) / "           \
+    "  window_at = math.floor((tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)) / "      \
     "DEDUPE_MS)\n"                                                                                 \
+    "  return window_at\n"                                                                         \
     "end\n"                                                                                        \
-    "local function dedupe_seen(P, okey)\n"                                                        \
+    "local function dedupe_seen(P, okey, legacy)\n"                                                \
     "  local prev = redis.call('HGET', P .. ':o', okey)\n"                                         \
     "  if prev then return prev end\n"                                                             \
-    "  local w = window_now()\n"                                                                   \
-    "  prev = redis.call('HGET', P .. ':dd:' .. w, okey) or\n"                                     \
-    "         redis.call('HGET', P .. ':dd:' .. (w - 1), okey)\n"                                  \
-    "  if prev then return prev end\n"                                                             \
-    "  return redis.call('GET', P .. ':dd:' .. okey)\n"                                            \
+    "  if not window_keys then\n"                                                                  \
+    "    local w = window_now()\n"                                                                 \
+    "    window_keys = {':dd:' .. w, ':dd:' .. (w - 1)}\n"                                         \
+    "  end\n"                                                                                      \
+    "  return redis.call('HGET', P .. window_keys[1], okey) or\n"                                  \
+    "         redis.call('HGET', P .. window_keys[2], okey) or legacy\n"                           \
     "end\n"
 
 /* Everything, for the scripts that read devices and acks or purge. hmget and bulk send one
@@ -205,29 +210,31 @@
     "local P, user, sender, oid, blob = KEYS[k + 1], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], "      \
     "ARGV[a + 5]\n"                                                                                \
     "local track, now = ARGV[a + 6] == '1', tonumber(ARGV[a + 7])\n"                               \
-    "if redis.call('EXISTS', P .. ':seq') == 0 then return {'cold'} end\n"                         \
-    "local okey = nil\n"                                                                           \
-    "if track and oid ~= '' then\n"                                                                \
-    "  okey = sender .. ' ' .. oid\n"                                                              \
-    "  local prev = dedupe_seen(P, okey)\n"                                                        \
+    "local okey = track and oid ~= '' and sender .. ' ' .. oid or nil\n"                          \
+    "local st = okey and redis.call('MGET', P .. ':seq', P .. ':qb', P .. ':dd:' .. okey) or "     \
+    "redis.call('MGET', P .. ':seq', P .. ':qb')\n"                                                \
+    "if not st[1] then return {'cold'} end\n"                                                      \
+    "if okey then\n"                                                                               \
+    "  local prev = dedupe_seen(P, okey, st[3])\n"                                                 \
     "  if prev then return {'dup', prev} end\n"                                                    \
     "end\n"                                                                                        \
     "local res = online(P)\n"                                                                      \
     "if #res > 0 and not track then return {'live', '', unpack(res)} end\n"                        \
-    "local b = tonumber(redis.call('GET', P .. ':qb') or '0')\n"                                   \
-    "if redis.call('ZCARD', P .. ':q') >= tonumber(ARGV[a + 10]) or "                              \
+    "local b = tonumber(st[2] or '0')\n"                                                           \
+    "local q = P .. ':q'\n"                                                                        \
+    "if redis.call('ZCARD', q) >= tonumber(ARGV[a + 10]) or "                                      \
     "b + #blob > tonumber(ARGV[a + 11]) then\n"                                                    \
     "  return {'full'}\n"                                                                          \
     "end\n"                                                                                        \
-    "local seq = redis.call('INCR', P .. ':seq')\n"                                                \
+    "local seq = tostring(tonumber(st[1]) + 1)\n"                                                  \
     "local sid = seq .. '-' .. ARGV[a + 4]\n"                                                      \
+    "redis.call('MSET', P .. ':seq', seq, P .. ':qb', b + #blob)\n"                                \
     "redis.call('HSET', P .. ':m', sid, blob)\n"                                                   \
-    "redis.call('ZADD', P .. ':q', seq, sid)\n"                                                    \
-    "redis.call('INCRBY', P .. ':qb', #blob)\n"                                                    \
+    "redis.call('ZADD', q, seq, sid)\n"                                                            \
     "if okey then redis.call('HSET', P .. ':o', okey, sid) end\n"                                  \
     "if indexed then\n"                                                                            \
-    "  redis.call('ZADD', KEYS[k + 4], 'NX', now, user)\n"                                         \
-    "  redis.call('ZADD', KEYS[k + 5], 'NX', now, user)\n"                                         \
+    "  redis.call('ZADD', KEYS[k + 4], 'NX', ARGV[a + 7], user)\n"                                 \
+    "  redis.call('ZADD', KEYS[k + 5], 'NX', ARGV[a + 7], user)\n"                                 \
     "  if #res > 0 then redis.call('ZADD', KEYS[k + 2], 'LT', now + tonumber(ARGV[a + 8]), user) " \
     "end\n"                                                                                        \
     "end\n"                                                                                        \

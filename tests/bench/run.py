@@ -558,11 +558,23 @@ QUEUE_MANY = ("for i = 0, #KEYS / 5 - 1 do local P, b = KEYS[5 * i + 1], 2 + 11 
               "redis.call('ZADD', P .. ':q', seq, sid) end return 1")
 
 
-def redis_bench(n, fsync, script, per_call=1):
+def command_usec(redis):
+    """{command: microseconds Redis spent in it} (INFO commandstats)."""
+    out = {}
+    for line in redis.cli("info", "commandstats").splitlines():
+        if line.startswith("cmdstat_"):
+            name, rest = line[len("cmdstat_"):].split(":", 1)
+            out[name] = int(re.search(r"usec=(\d+)", rest).group(1))
+    return out
+
+
+def redis_bench(n, fsync, script, per_call=1, split=None):
     """redis-benchmark, 50 clients, pipeline 32, on a fresh Redis with the benchmark's
     persistence: `script` (Lua source) called like receiptd's put, with the keys and arguments
     of per_call puts (put_many), or None for a plain HSET of the blob. Returns (calls/s, Redis
-    CPU microseconds per call, AOF rewrite children included)."""
+    CPU microseconds per call, AOF rewrite children included). split (a dict) gets where a
+    call's time went, per call: in the commands the script ran ("commands") and in the script
+    itself around them ("script": the Lua code and passing values between Lua and Redis)."""
     redis = Redis(fsync)
     # The put script answers "cold" for a recipient with no state in Redis: create the state of
     # the recipients redis-benchmark will pick (-r 1000: r000000000000 .. r000000000999) first.
@@ -578,15 +590,23 @@ def redis_bench(n, fsync, script, per_call=1):
                           "-P", "32", "-q", "-r", "1000"] + cmd,
                          capture_output=True, text=True).stdout
     cpu = proc_cpu(redis.proc.pid, True) - cpu0
+    if split is not None:
+        usec = command_usec(redis)
+        inner = sum(v for k, v in usec.items() if k not in ("evalsha", "script|load", "eval",
+                                                           "info", "config|get", "ping"))
+        split.update(commands=inner / n, script=(usec.get("evalsha", 0) - inner) / n)
     redis.stop()
     m = re.search(r"([\d.]+) requests per second", out)
     return (float(m.group(1)) if m else 0.0), 1e6 * cpu / n
 
 
-def redis_bench_batched(n, fsync, script, per_call):
+def redis_bench_batched(n, fsync, script, per_call, split=None):
     """redis_bench for n messages, per_call of them in each script call: (msg/s, Redis CPU
-    microseconds per message)."""
-    calls, us = redis_bench(max(n // per_call, 1), fsync, script, per_call)
+    microseconds per message); split as in redis_bench, per message."""
+    calls, us = redis_bench(max(n // per_call, 1), fsync, script, per_call, split)
+    if split:
+        for k in split:
+            split[k] /= per_call
     return calls * per_call, us / per_call
 
 
@@ -602,8 +622,10 @@ def ceiling(n, fsync):
     def src(name):
         return subprocess.run([os.path.join(BUILD, "tests", "bench", "dump_script"), name],
                               capture_output=True, text=True).stdout
+    split = {}
     return (redis_bench(n, fsync, src("put"))
-            + redis_bench_batched(n, fsync, src("put_many"), PUTS_PER_CALL))
+            + redis_bench_batched(n, fsync, src("put_many"), PUTS_PER_CALL, split)
+            + (split["commands"], split["script"]))
 
 
 # ---- 5. Redis Cluster scaling ----------------------------------------------------------------
@@ -1403,6 +1425,10 @@ def main():
         row("ceiling: the same with put_many, %d puts per call as receiptd sends them on a "
             "single Redis at saturation (puts/s; Redis CPU us per put)" % PUTS_PER_CALL,
             "%s; %s" % (show(ceil, 2), show(ceil, 3, "%.1f")))
+        row("ceiling: where a put's time in Redis went, put_many (us per put, Redis' own "
+            "commandstats): in the commands the script ran / in the script around them (the "
+            "Lua code, and passing values between Lua and Redis)",
+            "%s / %s" % (show(ceil, 4, "%.1f"), show(ceil, 5, "%.1f")))
         if s_rate:
             row("store: receiptd / ceiling", "%.2f" % (s_rate / c_rate if c_rate else 0))
         say("floor: %d runs of redis-benchmark for each of %d cheaper stores" % (
