@@ -210,7 +210,7 @@
     "local P, user, sender, oid, blob = KEYS[k + 1], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], "      \
     "ARGV[a + 5]\n"                                                                                \
     "local track, now = ARGV[a + 6] == '1', tonumber(ARGV[a + 7])\n"                               \
-    "local okey = track and oid ~= '' and sender .. ' ' .. oid or nil\n"                          \
+    "local okey = track and oid ~= '' and sender .. ' ' .. oid or nil\n"                           \
     "local st = okey and redis.call('MGET', P .. ':seq', P .. ':qb', P .. ':dd:' .. okey) or "     \
     "redis.call('MGET', P .. ':seq', P .. ':qb')\n"                                                \
     "if not st[1] then return {'cold'} end\n"                                                      \
