@@ -173,26 +173,25 @@
  * at most n, examining at most scan entries so that a device that acked a long stretch cannot
  * make one call block Redis. Returns the sids and the cursor (last sid examined, or nil) and
  * whether the end of the queue was reached. It reads the queue in chunks about the size of the
- * page and asks P:ak about a whole chunk in one HMGET. */
+ * page and asks P:ak about a whole chunk in one HMGET. A member's score is its seq, the number
+ * its sid starts with, so the next chunk starts after the last sid's seq: asking Redis for the
+ * scores as well cost it a float formatted per member. */
 #define LUA_VIEW                                                                                   \
     "local function view(P, dev, after, n, scan)\n"                                                \
     "  local out, cursor, seen, lo = {}, nil, 0, '(' .. after\n"                                   \
     "  while true do\n"                                                                            \
     "    local want = math.max(16, math.min(n - #out + 1, 512))\n"                                 \
-    "    local chunk = redis.call('ZRANGEBYSCORE', P .. ':q', lo, '+inf', 'WITHSCORES', 'LIMIT', " \
-    "0, want)\n"                                                                                   \
-    "    if #chunk == 0 then return out, cursor, true end\n"                                       \
-    "    local ids = {}\n"                                                                         \
-    "    for i = 1, #chunk, 2 do ids[#ids + 1] = chunk[i] end\n"                                   \
+    "    local ids = redis.call('ZRANGEBYSCORE', P .. ':q', lo, '+inf', 'LIMIT', 0, want)\n"       \
+    "    if #ids == 0 then return out, cursor, true end\n"                                         \
     "    local lists = redis.call('HMGET', P .. ':ak', unpack(ids))\n"                             \
-    "    for i = 1, #chunk, 2 do\n"                                                                \
+    "    for i, sid in ipairs(ids) do\n"                                                           \
     "      if #out >= n or seen >= scan then return out, cursor, false end\n"                      \
     "      seen = seen + 1\n"                                                                      \
-    "      local list = lists[(i + 1) / 2]\n"                                                      \
-    "      if not (list and has(list, dev)) then out[#out + 1] = chunk[i] end\n"                   \
-    "      cursor = chunk[i]\n"                                                                    \
-    "      lo = '(' .. chunk[i + 1]\n"                                                             \
+    "      local list = lists[i]\n"                                                                \
+    "      if not (list and has(list, dev)) then out[#out + 1] = sid end\n"                        \
+    "      cursor = sid\n"                                                                         \
     "    end\n"                                                                                    \
+    "    lo = '(' .. string.match(cursor, '^%d+')\n"                                               \
     "  end\n"                                                                                      \
     "end\n"                                                                                        \
     "local function touch(P, dev, now)\n"                                                          \
