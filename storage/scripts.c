@@ -65,11 +65,14 @@
  * command for many fields, in slices of 1000 because Redis' Lua 5.1 cannot unpack more than about
  * 8000 values into one call. purge_many removes messages ({S, blob, acked list or false} each)
  * with one command per key, taking back the counts of the devices that had acked them, and leaves
- * their origins in the dedupe mark; the other purges are purge_many of one message. */
+ * their origins in the dedupe mark; the other purges are purge_many of one message. has()
+ * compares a list of one device (the usual case) whole, without building two strings. */
 #define LUA_HELPERS                                                                                \
     LUA_ONLINE LUA_DEDUPE                                                                          \
         "local function split(member) return string.match(member, '^(%S+) (.*)$') end\n"           \
         "local function has(list, dev)\n"                                                          \
+        "  if list == dev then return true end\n"                                                  \
+        "  if not string.find(list, '\\n', 1, true) then return false end\n"                       \
         "  return string.find('\\n' .. list .. '\\n', '\\n' .. dev .. '\\n', 1, true) ~= nil\n"    \
         "end\n"                                                                                    \
         "local function acked_by(P, sid, dev)\n"                                                   \
