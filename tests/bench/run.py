@@ -1260,8 +1260,8 @@ def main():
 
     s_rate = None
     if "store" in parts:
-        say("store: %d runs of %d messages at saturation, %d at %d msg/s" % (
-            a.runs, a.n, min(a.n, a.rate * 5), a.rate))
+        say("store: %d runs of %d messages at saturation, %d (after %d of warm-up) at %d msg/s"
+            % (a.runs, a.n, min(a.n, a.rate * 5), a.rate, a.rate))
         sat = [store_run(a.n, 0, 2000, a.fsync) for _ in range(a.runs)]
         fixed = [latency_run(a, a.rate) for _ in range(a.runs)]
         s_rate = med(sat, "rate")
