@@ -24,7 +24,7 @@
     "local function epoch() return EPOCH end\n"                                                    \
     "local function register(P, res)\n"                                                            \
     "  local cur = tonumber(redis.call('HGET', P .. ':r', res) or '0')\n"                          \
-    "  if tonumber(epoch()) > cur then redis.call('HSET', P .. ':r', res, epoch()) end\n"          \
+    "  if EPOCH_N > cur then redis.call('HSET', P .. ':r', res, epoch()) end\n"                    \
     "end\n"                                                                                        \
     "local function online(P)\n"                                                                   \
     "  local res, rs, cur = {}, redis.call('HGETALL', P .. ':r'), EPOCH_N\n"                       \
@@ -40,7 +40,9 @@
  * so a purged message stays known for at least a window. Writing the marks at purge time, in
  * bulk, rather than a key with a TTL per put, is what keeps a put cheap. P:dd:<origin> strings
  * (one per message, with a TTL) and P:k are what earlier versions wrote; a put still honours the
- * first and a purge deletes the second, until they are gone. */
+ * first (`legacy`: the put reads it in the one MGET of its strings) and a purge deletes the
+ * second, until they are gone. The window comes from Redis' clock once per script call: the puts
+ * of one put_many call happen at one instant as far as dedupe can tell. */
 #define LUA_DEDUPE                                                                                 \
     "local window_at, window_keys = nil, nil\n"                                                    \
     "local function window_now()\n"                                                                \
@@ -381,7 +383,7 @@ static const char presence_lua[] = LUA_PROLOGUE LUA_HELPERS LUA_VIEW
  * reconnect. */
 static const char stale_lua[] =
     LUA_PROLOGUE LUA_HELPERS "local out, rs = {}, redis.call('HGETALL', KEYS[1] .. ':r')\n"
-                             "for i = 1, #rs, 2 do if tonumber(rs[i + 1]) < tonumber(epoch()) then "
+                             "for i = 1, #rs, 2 do if tonumber(rs[i + 1]) < EPOCH_N then "
                              "out[#out + 1] = rs[i] end end\n"
                              "return out\n";
 
