@@ -17,6 +17,7 @@ import os
 import random
 import socket
 import sys
+import time
 
 DIR = "/tmp/receiptd-test-ports"
 _mine = set()
@@ -36,12 +37,17 @@ def _owner_tag(pid):
     return "%d %s\n" % (pid, _start_time(pid))
 
 
-def _owner_alive(tag):
+def _owner_alive(tag, path):
     try:
         pid, start = tag.split()
         return _start_time(int(pid)) == start
     except ValueError:
-        return False  # a half-written file: its writer died between create and write
+        # Not written yet: its owner is between create and write, or died there. Only the
+        # second is stale, and only the file's age tells them apart.
+        try:
+            return time.time() - os.path.getmtime(path) < 10
+        except OSError:
+            return False
 
 
 def _candidate_range():
@@ -75,7 +81,7 @@ def _try_reserve(port, tag):
                     held = f.read()
             except OSError:
                 continue
-            if _owner_alive(held):
+            if _owner_alive(held, path):
                 return False
             try:
                 os.unlink(path)  # stale; if another process races us here, O_EXCL decides
