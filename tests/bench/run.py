@@ -585,15 +585,14 @@ def redis_bench(n, fsync, script, per_call=1, split=None):
     else:
         cmd = (["EVALSHA", redis.cli("script", "load", script).strip(), str(5 * per_call)]
                + PUT_KEYS[1:] * per_call + PUT_ARGV[:2] + PUT_ARGV[2:] * per_call)
-    cpu0 = proc_cpu(redis.proc.pid, True)
+    cpu0, usec0 = proc_cpu(redis.proc.pid, True), command_usec(redis)
     out = subprocess.run(["redis-benchmark", "-p", str(redis.port), "-n", str(n), "-c", "50",
                           "-P", "32", "-q", "-r", "1000"] + cmd,
                          capture_output=True, text=True).stdout
     cpu = proc_cpu(redis.proc.pid, True) - cpu0
     if split is not None:
-        usec = command_usec(redis)
-        inner = sum(v for k, v in usec.items() if k not in ("evalsha", "script|load", "eval",
-                                                           "info", "config|get", "ping"))
+        usec = {k: v - usec0.get(k, 0) for k, v in command_usec(redis).items()}
+        inner = sum(v for k, v in usec.items() if k not in ("evalsha", "info", "config|get", "ping"))
         split.update(commands=inner / n, script=(usec.get("evalsha", 0) - inner) / n)
     redis.stop()
     m = re.search(r"([\d.]+) requests per second", out)
