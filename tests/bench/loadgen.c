@@ -24,9 +24,8 @@
  * loadgen, which counts them.
  *
  * usage: loadgen --port P --secret S [-n N] [--senders S] [--recipients R] [--window W]
- *                [--rate MSGS_PER_S] [--warmup W] [--domain C] [--stall S] [--fetch [--batch B] [--max-acks A]
- * [--pause]
- * [--senders-online]]
+ *                [--rate MSGS_PER_S] [--warmup W] [--domain C] [--stall S]
+ *                [--fetch [--batch B] [--max-acks A] [--pause] [--senders-online]]
  */
 #include <getopt.h>
 #include <stdint.h>
@@ -47,9 +46,9 @@ typedef struct gen {
     const char *secret, *domain;
     long n, senders, recipients, window, rate;
     long sent, acked, in_flight, errors;
-    long warmup, measured, warmed; /* --warmup; acked after it; acked within it */
-    uint64_t *sent_at;             /* ns, per message index */
-    uint64_t *latency, *warm_latency; /* ns, per acked message after / within the warm-up */
+    long warmup, measured, warmed;         /* --warmup; acked after it; acked within it */
+    uint64_t *sent_at;                     /* ns, per message index */
+    uint64_t *latency, *warm_latency;      /* ns, per acked message after / within the warm-up */
     uint64_t start_ns, end_ns, measure_ns; /* measure_ns: message `warmup` was sent */
     int phase; /* 0 header, 1 handshake, 2 storing, 3 waiting for go, 4 retrieving */
     char stream_id[64];
@@ -426,13 +425,20 @@ static void on_connection(uv_stream_t *server, int status)
 int main(int argc, char **argv)
 {
     static const struct option opts[] = {
-        {"port", required_argument, NULL, 'p'},     {"secret", required_argument, NULL, 's'},
-        {"senders", required_argument, NULL, 'S'},  {"recipients", required_argument, NULL, 'R'},
-        {"window", required_argument, NULL, 'w'},   {"rate", required_argument, NULL, 'r'},
-        {"domain", required_argument, NULL, 'd'},   {"fetch", no_argument, NULL, 'F'},
-        {"batch", required_argument, NULL, 'b'},    {"max-acks", required_argument, NULL, 'A'},
-        {"pause", no_argument, NULL, 'P'},          {"stall", required_argument, NULL, 'T'},
-        {"senders-online", no_argument, NULL, 'O'}, {"warmup", required_argument, NULL, 'W'},
+        {"port", required_argument, NULL, 'p'},
+        {"secret", required_argument, NULL, 's'},
+        {"senders", required_argument, NULL, 'S'},
+        {"recipients", required_argument, NULL, 'R'},
+        {"window", required_argument, NULL, 'w'},
+        {"rate", required_argument, NULL, 'r'},
+        {"domain", required_argument, NULL, 'd'},
+        {"fetch", no_argument, NULL, 'F'},
+        {"batch", required_argument, NULL, 'b'},
+        {"max-acks", required_argument, NULL, 'A'},
+        {"pause", no_argument, NULL, 'P'},
+        {"stall", required_argument, NULL, 'T'},
+        {"senders-online", no_argument, NULL, 'O'},
+        {"warmup", required_argument, NULL, 'W'},
         {NULL, 0, NULL, 0},
     };
     gen_t g = {.secret = "bench",
