@@ -685,10 +685,11 @@ class RedisCluster:
         agree on who serves every slot, the owners are live masters nobody flags failing, no slot
         is migrating/importing, and (require_replicas_synced) every live replica's link to its
         master is up and no node is rewriting its AOF (as replicas do after a full sync)."""
-        views = {}
+        views, epochs = {}, {}
         for p in self.live_ports():
             try:
                 ci = self.cluster_info(p)
+                epochs[p] = ci.get("cluster_current_epoch")
                 if ci.get("cluster_state") != "ok":
                     return False, "port %d: cluster_state:%s" % (p, ci.get("cluster_state"))
                 if ci.get("cluster_slots_ok") != str(NSLOTS):
@@ -696,6 +697,14 @@ class RedisCluster:
                 views[p] = self.nodes(p)
             except (OSError, ReplyError) as e:
                 return False, "port %d: %s" % (p, e)
+        # A settled cluster agrees on its current epoch. A reshard raises the importing master's
+        # config epoch without a vote; a replica that has not heard of it yet would run its
+        # failover election at that same epoch and win slots tied with its dead master's, which
+        # no live node can break (seen once: the promoted replica stuck in cluster_state:fail
+        # after the old master came back). Waiting for agreement makes every later election
+        # epoch higher than any config epoch.
+        if len(set(epochs.values())) > 1:
+            return False, "nodes disagree on the current epoch: %s" % epochs
         live = set(self.live_ports())
         try:
             return self._check_views(views, live, require_replicas_synced, allow_open_slots)
@@ -705,6 +714,9 @@ class RedisCluster:
     def _check_views(self, views, live, require_replicas_synced, allow_open_slots):
         ref = None
         for p, ns in views.items():
+            masters = [n for n in ns if n.role == "master" and n.slots]
+            if len({n.config_epoch for n in masters}) != len(masters):
+                return False, "port %d: two masters share a config epoch" % p
             owners = sorted((a, b, n.id) for n in ns if n.role == "master" for a, b in n.slots)
             if ref is None:
                 ref = (p, owners)
