@@ -22,15 +22,17 @@ typedef struct stats {
     uint64_t stored, duplicates, delivered, retransmitted, receipts_relayed, acked;
     uint64_t rejected_storage, rejected_full, rejected_bad;
     uint64_t archived, expired, evicted;
+    uint64_t read_ahead; /* fetches answered by a page read ahead (component/readahead.h) */
 } stats_t;
 
 typedef struct daemon {
     uv_loop_t *loop;
     xmpp_ctx_t *ctx;
     config_t cfg;
-    link_t *link;       /* NULL once closed */
-    store_t *store;     /* NULL once closed */
-    archive_t *archive; /* NULL once closed */
+    link_t *link;                /* NULL once closed */
+    store_t *store;              /* NULL once closed */
+    archive_t *archive;          /* NULL once closed */
+    struct readahead *readahead; /* NULL: every fetch goes to the tiers */
     /* Recipients waiting for their state (component/relay.c), hashed: every message looks here. */
     struct cold_user *cold[256];
     uint64_t put_arrivals; /* messages to store so far, numbering their arrival */

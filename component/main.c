@@ -12,6 +12,7 @@
 
 #include "daemon.h"
 #include "log.h"
+#include "readahead.h"
 #include "stats.h"
 
 #ifndef RECEIPTD_VERSION
@@ -211,13 +212,14 @@ static void log_stats(const daemon_t *d)
     log_info("receiptd: stored %llu, duplicates %llu, pushed %llu, retransmitted %llu, acked %llu, "
              "receipts relayed %llu, archived %llu, expired %llu, evicted %llu; rejected: "
              "storage %llu, "
-             "queue full %llu, bad input %llu",
+             "queue full %llu, bad input %llu; fetches answered by read-ahead %llu",
              (unsigned long long)s->stored, (unsigned long long)s->duplicates,
              (unsigned long long)s->delivered, (unsigned long long)s->retransmitted,
              (unsigned long long)s->acked, (unsigned long long)s->receipts_relayed,
              (unsigned long long)s->archived, (unsigned long long)s->expired,
              (unsigned long long)s->evicted, (unsigned long long)s->rejected_storage,
-             (unsigned long long)s->rejected_full, (unsigned long long)s->rejected_bad);
+             (unsigned long long)s->rejected_full, (unsigned long long)s->rejected_bad,
+             (unsigned long long)s->read_ahead);
 }
 
 int main(int argc, char **argv)
@@ -313,6 +315,7 @@ int main(int argc, char **argv)
     }
     uv_timer_init(&loop, &app.link_gate);
     app.link_gate.data = &app;
+    d->readahead = readahead_new(); /* without it (no memory) fetches just go to the tiers */
     if (store_create(&loop, &scfg, on_store_state, &app, &d->store) < 0 ||
         link_create(&loop, d->ctx, &lcfg, &lcb, d, &d->link) < 0) {
         fprintf(stderr, "receiptd: out of memory\n");
@@ -338,6 +341,7 @@ int main(int argc, char **argv)
     uv_run(&loop, UV_RUN_DEFAULT);
 
     log_stats(d);
+    readahead_free(d->readahead);
     int rc = uv_loop_close(&loop);
     if (rc != 0)
         log_warn("receiptd: event loop closed with handles open: %s", uv_strerror(rc));

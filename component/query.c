@@ -10,6 +10,7 @@
 #include "daemon.h"
 #include "log.h"
 #include "ns.h"
+#include "readahead.h"
 #include "stanza.h"
 #include "tiers.h"
 
@@ -46,7 +47,6 @@ static void iq_ctx_free(iq_ctx_t *c)
     xmpp_stanza_release(c->iq);
     free(c);
 }
-
 
 /* Starts a text IQ result: <iq type='result' id to from>. */
 static void result_open(proto_buf_t *b, xmpp_stanza_t *iq)
@@ -123,8 +123,7 @@ static void on_summary(void *ud, int err, uint64_t count, uint64_t bytes,
     iq_ctx_free(c);
 }
 
-static void handle_summary(daemon_t *d, xmpp_stanza_t *iq, xmpp_stanza_t *payload,
-                           const route_t *r)
+static void handle_summary(daemon_t *d, xmpp_stanza_t *iq, xmpp_stanza_t *payload, const route_t *r)
 {
     bool with_ids;
     if (proto_parse_summary(payload, &with_ids) < 0) {
@@ -196,8 +195,8 @@ static void handle_fetch(daemon_t *d, xmpp_stanza_t *iq, xmpp_stanza_t *payload,
     if (!c)
         return;
     store_device_t who = device_of(r);
-    int rc = tiers_fetch(d, &who, f.after_seq, f.max, d->cfg.fetch_max_bytes, FORWARD_OVERHEAD,
-                         on_fetch, c);
+    int rc = readahead_fetch(d, &who, f.after_seq, f.max, d->cfg.fetch_max_bytes, FORWARD_OVERHEAD,
+                             on_fetch, c);
     if (rc < 0)
         on_fetch(c, rc, false, NULL, NULL, 0, false);
 }
@@ -242,6 +241,7 @@ static void handle_ack(daemon_t *d, xmpp_stanza_t *iq, xmpp_stanza_t *payload, c
             c->base.iq = xmpp_stanza_clone(iq);
             snprintf(c->acker_full, sizeof c->acker_full, "%s", r->from);
             store_device_t who = device_of(r);
+            readahead_forget(d, who.user, who.device, ids, n);
             int rc = tiers_ack_sids(d, &who, ids, n, on_ack, c);
             if (rc < 0)
                 on_ack(c, rc, NULL, 0);

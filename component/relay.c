@@ -10,6 +10,7 @@
 #include "blob.h"
 #include "daemon.h"
 #include "log.h"
+#include "readahead.h"
 #include "ns.h"
 #include "stanza.h"
 #include "tiers.h"
@@ -504,6 +505,7 @@ void relay_handle_message(daemon_t *d, xmpp_stanza_t *msg, const route_t *r)
         ac->d = d;
         snprintf(ac->acker_full, sizeof ac->acker_full, "%s", r->from);
         store_device_t who = {r->from_bare, r->from_jid.resource, daemon_now_ms()};
+        readahead_forget(d, who.user, who.device, NULL, 0);
         int rc = tiers_ack_origin(d, &who, r->peer_bare, rid, on_received, ac);
         if (rc < 0)
             on_received(ac, rc, NULL, 0);

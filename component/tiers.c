@@ -7,78 +7,25 @@
 
 #include "archive.h"
 #include "daemon.h"
+#include "items.h"
 #include "log.h"
 #include "tiers.h"
 
-/* ---- owned copies of store results (valid only during a store callback) ----------------------- */
-
-typedef struct owned {
-    store_item_t *v;
-    size_t n;
-} owned_t;
-
-static char *dup_n(const char *s, size_t n)
-{
-    char *p = malloc(n + 1);
-    if (p) {
-        memcpy(p, s ? s : "", n);
-        p[n] = '\0';
-    }
-    return p;
-}
-
-static void owned_free(owned_t *o)
-{
-    for (size_t i = 0; i < o->n; i++) {
-        free((char *)o->v[i].sid);
-        free((char *)o->v[i].blob);
-    }
-    free(o->v);
-    o->v = NULL;
-    o->n = 0;
-}
-
-static int owned_add(owned_t *o, const store_item_t *items, size_t n)
-{
-    if (!n)
-        return 0;
-    store_item_t *v = realloc(o->v, (o->n + n) * sizeof *v);
-    if (!v)
-        return -1;
-    o->v = v;
-    for (size_t i = 0; i < n; i++) {
-        char *sid = dup_n(items[i].sid, items[i].sid ? strlen(items[i].sid) : 0);
-        char *blob = dup_n(items[i].blob, items[i].blob_len);
-        if (!sid || !blob) {
-            free(sid);
-            free(blob);
-            return -1;
-        }
-        o->v[o->n++] = (store_item_t){sid, blob, items[i].blob_len};
-    }
-    return 0;
-}
-
-static uint64_t seq_of(const char *sid)
-{
-    return sid ? strtoull(sid, NULL, 10) : 0;
-}
-
 /* The union of a and b (each oldest first) by seq, one copy per seq, as views into a and b. */
-static size_t merge(const owned_t *a, const store_item_t *b, size_t nb, uint64_t bound,
+static size_t merge(const items_t *a, const store_item_t *b, size_t nb, uint64_t bound,
                     store_item_t *out)
 {
     size_t i = 0, k = 0, n = 0;
     while (i < a->n || k < nb) {
         const store_item_t *next;
-        if (k >= nb || (i < a->n && seq_of(a->v[i].sid) <= seq_of(b[k].sid))) {
+        if (k >= nb || (i < a->n && items_seq_of(a->v[i].sid) <= items_seq_of(b[k].sid))) {
             next = &a->v[i++];
-            if (k < nb && seq_of(b[k].sid) == seq_of(next->sid))
+            if (k < nb && items_seq_of(b[k].sid) == items_seq_of(next->sid))
                 k++;
         } else {
             next = &b[k++];
         }
-        if (bound && seq_of(next->sid) > bound)
+        if (bound && items_seq_of(next->sid) > bound)
             break;
         out[n++] = *next;
     }
@@ -98,7 +45,8 @@ static void who_set(who_copy_t *w, const store_device_t *who)
     w->who = (store_device_t){w->user, w->device, who->now_ms};
 }
 
-/* ---- restore and the activity gate ------------------------------------------------------------ */
+/* ---- restore and the activity gate ------------------------------------------------------------
+ */
 
 typedef struct restore_ctx {
     daemon_t *d;
@@ -143,8 +91,8 @@ int tiers_restore(daemon_t *d, const char *user, store_done_cb done, void *ud)
     if (!d->archive) {
         /* No archive: nothing was ever evicted; a new user starts at seq 0. */
         store_user_state_t st = {c->user, 0, NULL, 0, false};
-        int rc = d->store ? store_restore(d->store, &st, daemon_now_ms(), on_restored, c)
-                          : STORE_EDOWN;
+        int rc =
+            d->store ? store_restore(d->store, &st, daemon_now_ms(), on_restored, c) : STORE_EDOWN;
         if (rc < 0)
             free(c);
         return rc;
@@ -195,8 +143,7 @@ static int gate(daemon_t *d, const char *user, gate_fn go, void *ctx)
         return STORE_ENOMEM;
     *g = (gate_t){.d = d, .go = go, .ctx = ctx};
     snprintf(g->user, sizeof g->user, "%s", user);
-    int rc = store_activity(d->store, user, daemon_now_ms(), d->cfg.evict_after_ms, on_activity,
-                            g);
+    int rc = store_activity(d->store, user, daemon_now_ms(), d->cfg.evict_after_ms, on_activity, g);
     if (rc < 0)
         free(g);
     return rc;
@@ -207,7 +154,8 @@ int tiers_touch(daemon_t *d, const char *user)
     return gate(d, user, NULL, NULL);
 }
 
-/* ---- summary ---------------------------------------------------------------------------------- */
+/* ---- summary ----------------------------------------------------------------------------------
+ */
 
 typedef struct summary_ctx {
     daemon_t *d;
@@ -216,14 +164,14 @@ typedef struct summary_ctx {
     store_summary_cb cb;
     void *ud;
     uint64_t count, bytes;
-    owned_t ends; /* the Redis oldest and newest, always 2 entries */
-    owned_t items;
+    items_t ends; /* the Redis oldest and newest, always 2 entries */
+    items_t items;
 } summary_ctx_t;
 
 static void summary_free(summary_ctx_t *c)
 {
-    owned_free(&c->ends);
-    owned_free(&c->items);
+    items_free(&c->ends);
+    items_free(&c->items);
     free(c);
 }
 
@@ -262,7 +210,7 @@ static void on_redis_summary(void *ud, int err, uint64_t count, uint64_t bytes,
     }
     c->count = count;
     c->bytes = bytes;
-    if (owned_add(&c->ends, ends, 2) < 0 || owned_add(&c->items, items, n) < 0 ||
+    if (items_add(&c->ends, ends, 2) < 0 || items_add(&c->items, items, n) < 0 ||
         archive_summary(c->d->archive, &c->w.who, c->max, on_archive_summary, c) < 0) {
         c->cb(c->ud, STORE_ENOMEM, 0, 0, NULL, NULL, 0, false);
         summary_free(c);
@@ -295,7 +243,8 @@ int tiers_summary(daemon_t *d, const store_device_t *who, unsigned max, store_su
     return rc;
 }
 
-/* ---- fetch ------------------------------------------------------------------------------------ */
+/* ---- fetch ------------------------------------------------------------------------------------
+ */
 
 typedef struct fetch_ctx {
     daemon_t *d;
@@ -307,12 +256,12 @@ typedef struct fetch_ctx {
     void *ud;
     bool complete;
     char *cursor;
-    owned_t items;
+    items_t items;
 } fetch_ctx_t;
 
 static void fetch_free(fetch_ctx_t *c)
 {
-    owned_free(&c->items);
+    items_free(&c->items);
     free(c->cursor);
     free(c);
 }
@@ -333,7 +282,7 @@ static void on_archive_fetch(void *ud, int err, bool complete, const char *curso
     const char *bound_sid = NULL;
     if (!c->complete && c->cursor)
         bound_sid = c->cursor;
-    if (!complete && cursor && (!bound_sid || seq_of(cursor) < seq_of(bound_sid)))
+    if (!complete && cursor && (!bound_sid || items_seq_of(cursor) < items_seq_of(bound_sid)))
         bound_sid = cursor;
     store_item_t *merged = calloc(c->items.n + n + 1, sizeof *merged);
     if (!merged) {
@@ -341,7 +290,7 @@ static void on_archive_fetch(void *ud, int err, bool complete, const char *curso
         fetch_free(c);
         return;
     }
-    size_t m = merge(&c->items, items, n, seq_of(bound_sid), merged);
+    size_t m = merge(&c->items, items, n, items_seq_of(bound_sid), merged);
     size_t taken = 0, used = 0;
     while (taken < m && taken < c->max) {
         size_t cost = merged[taken].blob_len + c->overhead;
@@ -367,8 +316,8 @@ static void on_redis_fetch(void *ud, int err, bool complete, const char *cursor,
         return;
     }
     c->complete = complete;
-    if ((cursor && !(c->cursor = dup_n(cursor, strlen(cursor)))) ||
-        owned_add(&c->items, items, n) < 0 ||
+    if ((cursor && !(c->cursor = items_dup(cursor, strlen(cursor)))) ||
+        items_add(&c->items, items, n) < 0 ||
         archive_fetch(c->d->archive, &c->w.who, c->after, c->max, c->max_bytes, c->overhead,
                       on_archive_fetch, c) < 0) {
         c->cb(c->ud, STORE_ENOMEM, false, NULL, NULL, 0, false);
@@ -395,8 +344,13 @@ int tiers_fetch(daemon_t *d, const store_device_t *who, uint64_t after_seq, unsi
     fetch_ctx_t *c = calloc(1, sizeof *c);
     if (!c)
         return STORE_ENOMEM;
-    *c = (fetch_ctx_t){.d = d, .after = after_seq, .max = max, .max_bytes = max_bytes,
-                       .overhead = overhead, .cb = cb, .ud = ud};
+    *c = (fetch_ctx_t){.d = d,
+                       .after = after_seq,
+                       .max = max,
+                       .max_bytes = max_bytes,
+                       .overhead = overhead,
+                       .cb = cb,
+                       .ud = ud};
     who_set(&c->w, who);
     int rc = gate(d, c->w.user, fetch_go, c);
     if (rc < 0)
@@ -404,7 +358,8 @@ int tiers_fetch(daemon_t *d, const store_device_t *who, uint64_t after_seq, unsi
     return rc;
 }
 
-/* ---- ack -------------------------------------------------------------------------------------- */
+/* ---- ack --------------------------------------------------------------------------------------
+ */
 
 typedef struct ack_ctx {
     daemon_t *d;
@@ -415,7 +370,7 @@ typedef struct ack_ctx {
     char *sender, *orig_id;
     store_items_cb cb;
     void *ud;
-    owned_t receipts;
+    items_t receipts;
 } ack_ctx_t;
 
 static void ack_free(ack_ctx_t *c)
@@ -426,7 +381,7 @@ static void ack_free(ack_ctx_t *c)
     free(c->origin);
     free(c->sender);
     free(c->orig_id);
-    owned_free(&c->receipts);
+    items_free(&c->receipts);
     free(c);
 }
 
@@ -435,7 +390,7 @@ static void on_archive_ack(void *ud, int err, const store_item_t *items, size_t 
     ack_ctx_t *c = ud;
     if (err)
         log_warn("archive: ack by %s/%s failed; it applies in Redis only", c->w.user, c->w.device);
-    else if (owned_add(&c->receipts, items, n) < 0)
+    else if (items_add(&c->receipts, items, n) < 0)
         log_warn("archive: out of memory; receipts from the archive for %s not relayed", c->w.user);
     c->cb(c->ud, 0, c->receipts.v, c->receipts.n);
     ack_free(c);
@@ -475,7 +430,7 @@ static void on_redis_ack(void *ud, int err, const store_ack_result_t *res)
         req.origin = c->origin;
     }
     req.receipt_ok = ok;
-    if (!ok || owned_add(&c->receipts, res->items, res->n) < 0 ||
+    if (!ok || items_add(&c->receipts, res->items, res->n) < 0 ||
         archive_ack(c->d->archive, &req, on_archive_ack, c) < 0) {
         c->cb(c->ud, 0, res->items, res->n);
         ack_free(c);
@@ -490,10 +445,10 @@ static void ack_go(void *ctx, int err)
     if (!err && !d->store)
         err = STORE_EDOWN;
     if (!err)
-        err = c->sids ? store_ack_sids(d->store, &c->w.who, (const char *const *)c->sids, c->n,
-                                       on_redis_ack, c)
-                      : store_ack_origin(d->store, &c->w.who, c->sender, c->orig_id,
-                                         on_redis_ack, c);
+        err = c->sids
+                  ? store_ack_sids(d->store, &c->w.who, (const char *const *)c->sids, c->n,
+                                   on_redis_ack, c)
+                  : store_ack_origin(d->store, &c->w.who, c->sender, c->orig_id, on_redis_ack, c);
     if (err) {
         c->cb(c->ud, err, NULL, 0);
         ack_free(c);
@@ -521,7 +476,7 @@ int tiers_ack_sids(daemon_t *d, const store_device_t *who, const char *const *si
     c->ud = ud;
     who_set(&c->w, who);
     for (size_t i = 0; i < n; i++, c->n++)
-        if (!(c->sids[i] = dup_n(sids[i], strlen(sids[i])))) {
+        if (!(c->sids[i] = items_dup(sids[i], strlen(sids[i])))) {
             ack_free(c);
             return STORE_ENOMEM;
         }

@@ -9,6 +9,7 @@ import asyncio
 import datetime
 import math
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -590,6 +591,59 @@ async def paging(t):
         t.check(r is not None, "queued item for alice is not a receipt: %s", xml_str(f))
         rids.append(r.get("id"))
     t.eq(sorted(rids), ids, "receipt ids in alice's queue")
+
+
+@scenario("readahead")
+async def readahead(t):
+    """Pages read ahead (component/readahead.h) are what a fetch reads now: ids the device acked
+    since (by ack IQ, by <received/>) are gone, messages stored since are there, and a last page
+    is read fresh; receiptd's exit line counts the fetches the read-ahead answered."""
+    alice = await t.client("alice", announce=False)
+    ids = ["ra-%02d" % i for i in range(40)]
+    sids = {mid: await send_stored(t, alice, "bob", mid, body="body of %s" % mid) for mid in ids}
+    bob = await t.client("bob", announce=False)
+    got = []
+
+    async def page(after, what):
+        b = await bob.fetch(10, after)
+        items = [(forwarded_message(f).get("id"), forwarded_sid(f))
+                 for f in b.findall(q(NS_FORWARD, "forwarded"))]
+        t.say("%s: %s complete=%s", what, [i for i, _ in items], b.get("complete"))
+        if items:
+            t.eq(b.get("last"), items[-1][1], "%s: last" % what)
+        got.extend(items)
+        return b
+
+    b = await page(None, "page 1")
+    # pages 2 and 3 are being read ahead now; let them arrive, then ack one id of each
+    await asyncio.sleep(0.5)
+    await bob.ack([sids["ra-12"], sids["ra-25"]])
+    b = await page(b.get("last"), "page 2")
+    # a <received/> (found by origin: its place is unknown) forgets every page read ahead
+    bob.send_receipt({"id": "ra-22", "from": None}, to=rj("alice"))
+    for _ in range(50):
+        if await bob.count() == 37:
+            break
+        await asyncio.sleep(0.1)
+    t.eq(await bob.count(), 37, "bob's count after acking three")
+    more = ["ra-%02d" % i for i in range(40, 45)]
+    for mid in more:
+        sids[mid] = await send_stored(t, alice, "bob", mid, body="body of %s" % mid)
+    b = await page(b.get("last"), "page 3")
+    await asyncio.sleep(0.5)       # page 4 is read ahead and kept
+    b = await page(b.get("last"), "page 4")
+    t.eq(b.get("complete"), "false", "page 4 complete")
+    b = await page(b.get("last"), "page 5")
+    t.eq(b.get("complete"), "true", "page 5 complete")
+    want = [m for m in ids + more if m not in ("ra-12", "ra-22", "ra-25")]
+    t.eq([i for i, _ in got], want, "ids fetched, in order")
+    t.eq([s for _, s in got], [sids[m] for m in want], "stanza-ids fetched")
+    t.eq(len(got), len(set(s for _, s in got)), "no message fetched twice")
+
+    await t.sync(t.stack.stop_receiptd_checked)
+    m = re.search(r"fetches answered by read-ahead (\d+)", t.stack.receiptd.log_text())
+    t.check(m is not None, "no read-ahead count in receiptd's exit line")
+    t.check(int(m.group(1)) >= 1, "no fetch was answered by the read-ahead: %s", m.group(0))
 
 
 @scenario("summary-ids", delivery={"fetch_max": 5})
@@ -1489,7 +1543,7 @@ async def evict(t):
 # (quota-bytes, down-retry, server-restart) to keep the suite short.
 CLUSTER_SCENARIOS = (
     "stored", "dedupe", "live", "devices", "retransmit", "unavailable-requeue", "offline-login",
-    "norequest", "paging", "summary-ids", "foreign-ack", "ack-relay", "quota", "subscription",
+    "norequest", "paging", "readahead", "summary-ids", "foreign-ack", "ack-relay", "quota", "subscription",
     "restart-ping", "kill9", "archive", "evict",
 )
 assert all(n in SCENARIOS for n in CLUSTER_SCENARIOS), "unknown name in CLUSTER_SCENARIOS"
