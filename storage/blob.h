@@ -1,6 +1,7 @@
 /* The stored form of one message: a short header, then the sender's full JID, the message type
  * and id, then the serialized children. Lengths are explicit so no field needs escaping. The Lua
- * scripts never look inside a blob; only its length counts (queue bytes, quotas). */
+ * scripts read the header's stamp and the origin (sender, id) at most (storage/SCHEMA.md, Blob);
+ * the header's layout is theirs too. */
 #ifndef RECEIPTD_STORAGE_BLOB_H
 #define RECEIPTD_STORAGE_BLOB_H
 

@@ -33,18 +33,20 @@
     "  return res\n"                                                                               \
     "end\n"
 
-/* Dedupe: a queued message is found by its origin ("<sender bare> <original id>", read from the
- * blob's header, so nothing per message stores it twice) in P:o. When it is purged its origin
- * goes into the dedupe mark of the current window, P:dd:<now / window>, one hash per window that
- * expires two windows after it began: a put checks its own window's mark and the previous one,
- * so a purged message stays known for at least a window. Writing the marks at purge time, in
- * bulk, rather than a key with a TTL per put, is what keeps a put cheap. P:dd:<origin> strings
- * (one per message, with a TTL) and P:k are what earlier versions wrote; a put still honours the
- * first (`legacy`: the put reads it in the one MGET of its strings) and a purge deletes the
- * second, until they are gone. The window comes from Redis' clock once per script call: the puts
- * of one put_many call happen at one instant as far as dedupe can tell. */
-#define LUA_DEDUPE                                                                                 \
-    "local window_at, window_keys = nil, nil\n"                                                    \
+/* Dedupe (storage/SCHEMA.md): the origin ("<sender bare> <original id>") of every
+ * receipt-requested message goes into P:o:<g>, the hash of the window g = now / dedupe_window it
+ * arrived in, and stays there: a purge writes nothing for dedupe, which was half of what an ack
+ * cost Redis (reading each origin back from its blob, deleting it, writing a mark). A put or a
+ * <received/> looks in every window from P:og, the oldest whose hash may still hold a queued
+ * message, to now, and always in the one before now; origins_trim (LUA_HELPERS) gives older hashes
+ * a TTL. Versions before 2026-12 kept P:o (queued origins) and P:dd:<w> (the origins of messages
+ * purged in window w, with a TTL): the first put, ack or purge of a user without P:og makes them
+ * the hashes of this window and the one before (origins_upgrade). P:dd:<origin> strings are what
+ * versions before 2026-11 wrote; a put still honours them (the put reads them in its one MGET).
+ * The window comes from Redis' clock once per script call: the puts of one put_many call happen
+ * at one instant as far as dedupe can tell. */
+#define LUA_ORIGINS                                                                                \
+    "local window_at = nil\n"                                                                      \
     "local function window_now()\n"                                                                \
     "  if window_at then return window_at end\n"                                                   \
     "  local t = redis.call('TIME')\n"                                                             \
@@ -52,25 +54,52 @@
     "DEDUPE_MS)\n"                                                                                 \
     "  return window_at\n"                                                                         \
     "end\n"                                                                                        \
-    "local function dedupe_seen(P, okey, legacy)\n"                                                \
-    "  local prev = redis.call('HGET', P .. ':o', okey)\n"                                         \
-    "  if prev then return prev end\n"                                                             \
-    "  if not window_keys then\n"                                                                  \
-    "    local w = window_now()\n"                                                                 \
-    "    window_keys = {':dd:' .. w, ':dd:' .. (w - 1)}\n"                                         \
+    "local function origins_upgrade(P)\n"                                                          \
+    "  local w = window_now()\n"                                                                   \
+    "  local cur, prev, d = P .. ':o:' .. w, P .. ':o:' .. (w - 1), P .. ':dd:' .. (w - 1)\n"      \
+    "  if redis.call('EXISTS', P .. ':o') == 1 then redis.call('RENAME', P .. ':o', cur) end\n"    \
+    "  if redis.call('EXISTS', d) == 1 and redis.call('EXISTS', prev) == 0 then\n"                 \
+    "    redis.call('RENAME', d, prev)\n"                                                          \
     "  end\n"                                                                                      \
-    "  return redis.call('HGET', P .. window_keys[1], okey) or\n"                                  \
-    "         redis.call('HGET', P .. window_keys[2], okey) or legacy\n"                           \
+    "  d = P .. ':dd:' .. w\n"                                                                     \
+    "  if redis.call('EXISTS', d) == 1 then\n"                                                     \
+    "    if redis.call('EXISTS', cur) == 0 then\n"                                                 \
+    "      redis.call('RENAME', d, cur)\n"                                                         \
+    "      redis.call('PERSIST', cur)\n"                                                           \
+    "    else\n"                                                                                   \
+    "      local kv = redis.call('HGETALL', d)\n"                                                  \
+    "      for i = 1, #kv, 1000 do redis.call('HSET', cur, unpack(kv, i, math.min(i + 999, "       \
+    "#kv))) end\n"                                                                                 \
+    "      redis.call('DEL', d)\n"                                                                 \
+    "    end\n"                                                                                    \
+    "  end\n"                                                                                      \
+    "  redis.call('SET', P .. ':og', w)\n"                                                         \
+    "  return w\n"                                                                                 \
+    "end\n"                                                                                        \
+    "local function origins_oldest(P, og)\n"                                                       \
+    "  if og then return tonumber(og) end\n"                                                       \
+    "  if redis.call('EXISTS', P .. ':seq') == 0 then return window_now() end\n"                   \
+    "  return origins_upgrade(P)\n"                                                                \
+    "end\n"                                                                                        \
+    "local function origin_find(P, okey, oldest)\n"                                                \
+    "  local w = window_now()\n"                                                                   \
+    "  for g = w, math.min(oldest, w - 1), -1 do\n"                                                \
+    "    local sid = redis.call('HGET', P .. ':o:' .. g, okey)\n"                                  \
+    "    if sid then return sid end\n"                                                             \
+    "  end\n"                                                                                      \
+    "  return nil\n"                                                                               \
     "end\n"
 
 /* Everything, for the scripts that read devices and acks or purge. hmget and bulk send one
  * command for many fields, in slices of 1000 because Redis' Lua 5.1 cannot unpack more than about
  * 8000 values into one call. purge_many removes messages ({S, blob, acked list or false} each)
- * with one command per key, taking back the counts of the devices that had acked them, and leaves
- * their origins in the dedupe mark; the other purges are purge_many of one message. has()
- * compares a list of one device (the usual case) whole, without building two strings. */
+ * with one command per key (none for keys that do not exist: P:pw of offline messages, the legacy
+ * P:k), taking back the counts of the devices that had acked them; the other purges are purge_many
+ * of one message. Their origins stay where they are; origins_trim then gives the hashes of windows
+ * with nothing queued left their TTL. has() compares a list of one device (the usual case) whole,
+ * without building two strings. */
 #define LUA_HELPERS                                                                                \
-    LUA_ONLINE LUA_DEDUPE                                                                          \
+    LUA_ONLINE LUA_ORIGINS                                                                         \
         "local function split(member) return string.match(member, '^(%S+) (.*)$') end\n"           \
         "local function has(list, dev)\n"                                                          \
         "  if list == dev then return true end\n"                                                  \
@@ -113,17 +142,28 @@
         "  local id = string.sub(blob, at + lf + lt, at + lf + lt + li - 1)\n"                     \
         "  return string.match(from, '^[^/]*') .. ' ' .. id\n"                                     \
         "end\n"                                                                                    \
+        "local function stamp_of(blob) return tonumber(string.match(blob, '^%d+ (%d+) ')) end\n"   \
+        "local function origins_trim(P)\n"                                                         \
+        "  local og = redis.call('GET', P .. ':og')\n"                                             \
+        "  local w = window_now()\n"                                                               \
+        "  if not og or tonumber(og) >= w - 1 then return end\n"                                   \
+        "  local keep = w\n"                                                                       \
+        "  local first = redis.call('ZRANGE', P .. ':q', 0, 0)[1]\n"                               \
+        "  if first then\n"                                                                        \
+        "    local st = stamp_of(redis.call('HGET', P .. ':m', first) or '')\n"                    \
+        "    if st then keep = math.min(keep, math.floor(st / DEDUPE_MS)) end\n"                   \
+        "  end\n"                                                                                  \
+        "  keep = keep - 1\n"                                                                      \
+        "  for g = tonumber(og), keep - 1 do\n"                                                    \
+        "    redis.call('PEXPIREAT', P .. ':o:' .. g, (g + 2) * DEDUPE_MS)\n"                      \
+        "  end\n"                                                                                  \
+        "  if keep > tonumber(og) then redis.call('SET', P .. ':og', keep) end\n"                  \
+        "end\n"                                                                                    \
         "local function purge_many(P, msgs)\n"                                                     \
-        "  local gone, listed, bytes, minus, order, okeys, marks = {}, {}, 0, {}, {}, {}, {}\n"    \
+        "  local gone, listed, bytes, minus, order = {}, {}, 0, {}, {}\n"                          \
         "  for _, m in ipairs(msgs) do\n"                                                          \
         "    local sid, blob, list = m[1], m[2], m[3]\n"                                           \
         "    gone[#gone + 1] = sid\n"                                                              \
-        "    local o = origin_of(blob)\n"                                                          \
-        "    if o then\n"                                                                          \
-        "      okeys[#okeys + 1] = o\n"                                                            \
-        "      marks[#marks + 1] = o\n"                                                            \
-        "      marks[#marks + 1] = sid\n"                                                          \
-        "    end\n"                                                                                \
         "    bytes = bytes + #blob\n"                                                              \
         "    if list then\n"                                                                       \
         "      listed[#listed + 1] = sid\n"                                                        \
@@ -141,15 +181,11 @@
         "  end\n"                                                                                  \
         "  bulk('HDEL', P .. ':ak', listed)\n"                                                     \
         "  bulk('HDEL', P .. ':m', gone)\n"                                                        \
-        "  bulk('HDEL', P .. ':pw', gone)\n"                                                       \
+        "  if redis.call('EXISTS', P .. ':pw') == 1 then bulk('HDEL', P .. ':pw', gone) end\n"     \
         "  bulk('ZREM', P .. ':q', gone)\n"                                                        \
         "  redis.call('DECRBY', P .. ':qb', bytes)\n"                                              \
-        "  bulk('HDEL', P .. ':k', gone)\n"                                                        \
-        "  if #okeys == 0 then return end\n"                                                       \
-        "  bulk('HDEL', P .. ':o', okeys)\n"                                                       \
-        "  local w = window_now()\n"                                                               \
-        "  bulk('HSET', P .. ':dd:' .. w, marks)\n"                                                \
-        "  redis.call('PEXPIREAT', P .. ':dd:' .. w, (w + 2) * DEDUPE_MS, 'NX')\n"                 \
+        "  if redis.call('EXISTS', P .. ':k') == 1 then bulk('HDEL', P .. ':k', gone) end\n"       \
+        "  origins_trim(P)\n"                                                                      \
         "end\n"                                                                                    \
         "local function purge_listed(P, sid, blob, list) purge_many(P, {{sid, blob, list}}) end\n" \
         "local function purge(P, sid, blob)\n"                                                     \
@@ -214,16 +250,21 @@
     "local P, user, sender, oid, blob = KEYS[k + 1], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], "      \
     "ARGV[a + 5]\n"                                                                                \
     "local track, now = ARGV[a + 6] == '1', tonumber(ARGV[a + 7])\n"                               \
+    "local res = nil\n"                                                                            \
+    "if not track then\n"                                                                          \
+    "  res = online(P)\n"                                                                          \
+    "  if #res > 0 then return {'live', '', unpack(res)} end\n"                                    \
+    "end\n"                                                                                        \
     "local okey = track and oid ~= '' and sender .. ' ' .. oid or nil\n"                           \
-    "local st = okey and redis.call('MGET', P .. ':seq', P .. ':qb', P .. ':dd:' .. okey) or "     \
+    "local st = okey and redis.call('MGET', P .. ':seq', P .. ':qb', P .. ':og', P .. ':dd:' .. "  \
+    "okey) or "                                                                                    \
     "redis.call('MGET', P .. ':seq', P .. ':qb')\n"                                                \
     "if not st[1] then return {'cold'} end\n"                                                      \
     "if okey then\n"                                                                               \
-    "  local prev = dedupe_seen(P, okey, st[3])\n"                                                 \
+    "  local prev = st[4] or origin_find(P, okey, origins_oldest(P, st[3]))\n"                     \
     "  if prev then return {'dup', prev} end\n"                                                    \
     "end\n"                                                                                        \
-    "local res = online(P)\n"                                                                      \
-    "if #res > 0 and not track then return {'live', '', unpack(res)} end\n"                        \
+    "res = res or online(P)\n"                                                                     \
     "local b = tonumber(st[2] or '0')\n"                                                           \
     "local q = P .. ':q'\n"                                                                        \
     "if redis.call('ZCARD', q) >= tonumber(ARGV[a + 10]) or "                                      \
@@ -235,7 +276,7 @@
     "redis.call('MSET', P .. ':seq', seq, P .. ':qb', b + #blob)\n"                                \
     "redis.call('HSET', P .. ':m', sid, blob)\n"                                                   \
     "redis.call('ZADD', q, seq, sid)\n"                                                            \
-    "if okey then redis.call('HSET', P .. ':o', okey, sid) end\n"                                  \
+    "if okey then redis.call('HSET', P .. ':o:' .. window_now(), okey, sid) end\n"                 \
     "if indexed then\n"                                                                            \
     "  redis.call('ZADD', KEYS[k + 4], 'NX', ARGV[a + 7], user)\n"                                 \
     "  redis.call('ZADD', KEYS[k + 5], 'NX', ARGV[a + 7], user)\n"                                 \
@@ -251,14 +292,14 @@
 /* The body reads put i's keys and arguments in place, at offsets k and a, from KEYS and ARGV
  * held in locals (a global lookup costs each access): copying them into two new tables was a
  * sixth of what a relayed receipt (a put to an online sender) cost Redis inside put_many. */
-static const char put_lua[] = LUA_PROLOGUE LUA_ONLINE LUA_DEDUPE
+static const char put_lua[] = LUA_PROLOGUE LUA_ONLINE LUA_ORIGINS
     "local KEYS, k, a, indexed = KEYS, 0, 0, #KEYS == 5\n" LUA_PUT_BODY;
 
 /* KEYS: the five keys of each put in turn (a single Redis only). ARGV: the eleven arguments of
  * each put in turn. Runs the puts in order, as separate put calls would, and returns their
  * replies in an array. One call for the puts of a loop turn spares Redis the cost of a script
  * call for each, which is most of what a put to an online recipient (a relayed receipt) costs. */
-static const char put_many_lua[] = LUA_PROLOGUE LUA_ONLINE LUA_DEDUPE
+static const char put_many_lua[] = LUA_PROLOGUE LUA_ONLINE LUA_ORIGINS
     "local indexed = true\n"
     "local function put(KEYS, ARGV, k, a)\n" LUA_PUT_BODY "end\n"
     "local out = {}\n"
@@ -281,7 +322,7 @@ static const char ack_lua[] = LUA_PROLOGUE LUA_HELPERS
     "out[2] = table.concat(known, '\\n')\n"
     "local sids, seen = {}, {}\n"
     "if ARGV[3] == 'orig' then\n"
-    "  sids[1] = redis.call('HGET', P .. ':o', ARGV[4]) or nil\n"
+    "  sids[1] = origin_find(P, ARGV[4], origins_oldest(P, redis.call('GET', P .. ':og')))\n"
     "else\n"
     "  for i = 4, #ARGV do\n"
     "    if not seen[ARGV[i]] then seen[ARGV[i]] = true; sids[#sids + 1] = ARGV[i] end\n"
@@ -290,11 +331,12 @@ static const char ack_lua[] = LUA_PROLOGUE LUA_HELPERS
     "if #sids == 0 then return out end\n"
     "local blobs, lists = hmget(P .. ':m', sids), hmget(P .. ':ak', sids)\n"
     "local ends, acks, gone, n, b = {}, {}, {}, 0, 0\n"
+    "local pending = redis.call('EXISTS', P .. ':p') == 1\n"
     "for i, sid in ipairs(sids) do\n"
     "  local blob, list = blobs[i], lists[i]\n"
     "  if blob then\n"
     "    found[#found + 1] = sid\n"
-    "    ends[#ends + 1] = sid .. ' ' .. dev\n"
+    "    if pending then ends[#ends + 1] = sid .. ' ' .. dev end\n"
     "    if not (list and has(list, dev)) then\n"
     "      if not list then\n"
     "        out[#out + 1] = sid\n"
@@ -446,15 +488,11 @@ static const char fetch_lua[] = LUA_PROLOGUE LUA_HELPERS LUA_VIEW
     "end\n"
     "return out\n";
 
-/* The stamp in a blob's header ("1 <stamp_ms> ..."): the archiver's one look inside a blob. */
-#define LUA_STAMP                                                                                  \
-    "local function stamp_of(blob) return tonumber(string.match(blob, '^%d+ (%d+) ')) end\n"
-
 /* KEYS: P. ARGV: cutoff, now, max. The user's oldest messages stamped before cutoff and out of
  * their delivery window, oldest first, stopping at the first younger one. Marks the user as
  * having an archive (P:ar) before anything is copied, so acks from now on also go to the archive.
  * Returns {S, blob, acked, origin, ...}; nothing is removed here. */
-static const char archive_take_lua[] = LUA_PROLOGUE LUA_HELPERS LUA_STAMP
+static const char archive_take_lua[] = LUA_PROLOGUE LUA_HELPERS
     "local P, cutoff, now = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])\n"
     "local msgs = {}\n"
     "for _, sid in ipairs(redis.call('ZRANGE', P .. ':q', 0, tonumber(ARGV[3]) - 1)) do\n"
@@ -473,7 +511,7 @@ static const char archive_take_lua[] = LUA_PROLOGUE LUA_HELPERS LUA_STAMP
 /* KEYS: P. ARGV: now, S... The archive committed these messages: remove them here. Returns when
  * the user is next due for archiving: the stamp of its oldest remaining message (or, while that
  * one is in its delivery window, the window's end), -1 when nothing is left. */
-static const char archive_drop_lua[] = LUA_PROLOGUE LUA_HELPERS LUA_STAMP
+static const char archive_drop_lua[] = LUA_PROLOGUE LUA_HELPERS
     "local P = KEYS[1]\n"
     "for i = 2, #ARGV do\n"
     "  local blob = redis.call('HGET', P .. ':m', ARGV[i])\n"
@@ -536,7 +574,8 @@ static const char evict_take_lua[] = LUA_PROLOGUE LUA_HELPERS
 
 /* KEYS: P. ARGV: evict (0|1), S... The archive committed these messages (and, with evict 1, the
  * user's state): delete them here; with evict 1 and nothing left and nobody online, delete all of
- * the user's state. Returns 1 when evicted. */
+ * the user's state. Returns 1 when evicted. The origin hashes stay until two windows after their
+ * own, like those of purged messages; the archive has the origins of what it took. */
 static const char evict_drop_lua[] = LUA_PROLOGUE LUA_HELPERS
     "local P = KEYS[1]\n"
     "for i = 2, #ARGV do\n"
@@ -545,8 +584,13 @@ static const char evict_drop_lua[] = LUA_PROLOGUE LUA_HELPERS
     "end\n"
     "if ARGV[1] ~= '1' or redis.call('ZCARD', P .. ':q') > 0 or #online(P) > 0 or\n"
     "   redis.call('ZCARD', P .. ':p') > 0 then return 0 end\n"
-    "for _, k in ipairs({'seq', 'm', 'q', 'qb', 'ak', 'an', 'ab', 'dev', 'p', 'pw', 'o', 'k', 'r', "
-    "'ar'}) do\n"
+    "local og = redis.call('GET', P .. ':og')\n"
+    "for g = tonumber(og or window_now()), window_now() do\n"
+    "  redis.call('PEXPIREAT', P .. ':o:' .. g, (g + 2) * DEDUPE_MS)\n"
+    "end\n"
+    "for _, k in ipairs({'seq', 'm', 'q', 'qb', 'ak', 'an', 'ab', 'dev', 'p', 'pw', 'og', 'o', "
+    "'k', "
+    "'r', 'ar'}) do\n"
     "  redis.call('DEL', P .. ':' .. k)\n"
     "end\n"
     "return 1\n";

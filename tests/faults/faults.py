@@ -585,12 +585,12 @@ class Ctx:
             await asyncio.sleep(0.01)
         s = self.senders[0]
         m = next(m for m in s.msgs.values() if m.sids)
-        # What dedupe knows of it: P:o while queued, then the mark of the window it was purged in
-        # (storage/scripts.c; this run's dedupe_window is a day).
+        # What dedupe knows of it: the origins of the window it arrived in, this one or the one
+        # before (storage/SCHEMA.md; this run's dedupe_window is a day).
         origin = "%s %s" % (s.bare, m.mid)
         window = int(time.time() * 1000) // 86400000
         p = "rd:{%s}" % m.to
-        for key in (p + ":o", "%s:dd:%d" % (p, window), "%s:dd:%d" % (p, window - 1)):
+        for key in ("%s:o:%d" % (p, window), "%s:o:%d" % (p, window - 1)):
             await self.sync(self.stack.key_command, key, "HDEL", key, origin)
         s.outstanding[m.mid] = m
         m.next_at = now()
