@@ -49,3 +49,17 @@ uint64_t items_seq_of(const char *sid)
 {
     return sid ? strtoull(sid, NULL, 10) : 0;
 }
+
+size_t items_fit(const store_item_t *items, size_t n, unsigned max, size_t max_bytes,
+                 size_t overhead)
+{
+    size_t k = 0, used = 0;
+    while (k < n && k < max) {
+        size_t cost = items[k].blob_len + overhead;
+        if (k > 0 && used + cost > max_bytes)
+            break;
+        used += cost;
+        k++;
+    }
+    return k;
+}

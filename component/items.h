@@ -19,6 +19,12 @@ char *items_dup(const char *s, size_t n);
 int items_add(items_t *o, const store_item_t *items, size_t n);
 void items_free(items_t *o);
 
+/* How many of items, from the first, one fetch page takes: at most max, within max_bytes counting
+ * each blob plus overhead, and always at least one (so a single large message cannot stall a
+ * reader); the Lua fetch script cuts its pages the same way. */
+size_t items_fit(const store_item_t *items, size_t n, unsigned max, size_t max_bytes,
+                 size_t overhead);
+
 /* The seq a message id S = "<seq>-<suffix>" begins with (its place in the queue); 0 for NULL. */
 uint64_t items_seq_of(const char *sid);
 

@@ -195,14 +195,7 @@ typedef struct page {
 static page_t page_cut(const slot_t *s, const store_item_t *items, size_t n, bool complete,
                        const char *cursor)
 {
-    size_t k = 0, used = 0;
-    while (k < n && k < s->max) {
-        size_t cost = items[k].blob_len + s->overhead;
-        if (k > 0 && used + cost > s->max_bytes)
-            break;
-        used += cost;
-        k++;
-    }
+    size_t k = items_fit(items, n, s->max, s->max_bytes, s->overhead);
     if (k == n)
         return (page_t){items, n, complete || !cursor, cursor};
     return (page_t){items, k, false, items[k - 1].sid};

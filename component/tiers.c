@@ -291,14 +291,7 @@ static void on_archive_fetch(void *ud, int err, bool complete, const char *curso
         return;
     }
     size_t m = merge(&c->items, items, n, items_seq_of(bound_sid), merged);
-    size_t taken = 0, used = 0;
-    while (taken < m && taken < c->max) {
-        size_t cost = merged[taken].blob_len + c->overhead;
-        if (taken > 0 && used + cost > c->max_bytes)
-            break;
-        used += cost;
-        taken++;
-    }
+    size_t taken = items_fit(merged, m, c->max, c->max_bytes, c->overhead);
     bool all = taken == m && c->complete && complete;
     const char *next = taken < m || !bound_sid ? (taken ? merged[taken - 1].sid : NULL) : bound_sid;
     c->cb(c->ud, 0, all, next, merged, taken, true);
