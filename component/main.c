@@ -332,6 +332,12 @@ int main(int argc, char **argv)
     char where[1200];
     log_info("receiptd %s: component %s, server %s:%d, %s", RECEIPTD_VERSION, d->cfg.jid,
              d->cfg.server_host, d->cfg.server_port, redis_where(&d->cfg, where, sizeof where));
+    if ((long long)d->cfg.dedupe_s * 1000 * 63 < d->cfg.archive_after_ms)
+        log_warn(
+            "config: dedupe_window (%lld s) is under a 63rd of archive_after: a message queued "
+            "longer than 63 windows is no longer found by its (sender, id), so a retry of it "
+            "is stored again and a <received/> for it is not matched (storage/SCHEMA.md)",
+            (long long)d->cfg.dedupe_s);
     if (d->cfg.redis_wait_replicas)
         log_info("store: <stored/> waits for %u Redis replica(s) to have each message (WAIT, at "
                  "most %lld ms; unconfirmed puts get a wait error)",

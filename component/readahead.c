@@ -249,9 +249,12 @@ static void on_read(void *ud, int err, bool complete, const char *cursor, const 
         /* Read again for the waiting fetch: the device acked into these pages while they were
          * read, or this is the last page and was read before the fetch came, so messages stored
          * in between would be missing from it. */
-        store_device_t who = {s->user, s->device, daemon_now_ms()};
-        int ret = ask_start(d, &who, s->after, s->max, s->max_bytes, s->overhead, cb, cb_ud);
-        slot_clear(s);
+        slot_t was = *s;
+        /* The slot is free before the read: its answer may start reads that need a slot. */
+        *s = (slot_t){.state = SLOT_EMPTY};
+        store_device_t who = {was.user, was.device, daemon_now_ms()};
+        int ret = ask_start(d, &who, was.after, was.max, was.max_bytes, was.overhead, cb, cb_ud);
+        slot_clear(&was);
         if (ret < 0)
             cb(cb_ud, ret, false, NULL, NULL, 0, false);
         return;

@@ -11,7 +11,12 @@
  * a page that is not the last); and it is forgotten when the device acknowledges anything after
  * its cursor, the only change that can take a message out of a non-final page for that device
  * (another device's ack purges a message only once this device acked it too). Memory is bounded:
- * READAHEAD_SLOTS pages at most, READAHEAD_DEPTH per device as a rule. */
+ * READAHEAD_SLOTS pages at most, READAHEAD_DEPTH per device as a rule.
+ *
+ * Where two instances share the traffic (ejabberd, PROTOCOL.md 10), an ack handled by the other
+ * instance does not reach this one's pages: for up to READAHEAD_TTL_MS a page may still hold a
+ * message the device acknowledged there. That is a duplicate delivery, which at-least-once
+ * delivery allows (clients dedupe by stanza-id), never a message missing. */
 #ifndef RECEIPTD_READAHEAD_H
 #define RECEIPTD_READAHEAD_H
 

@@ -38,13 +38,15 @@
  * arrived in, and stays there: a purge writes nothing for dedupe, which was half of what an ack
  * cost Redis (reading each origin back from its blob, deleting it, writing a mark). A put or a
  * <received/> looks in every window from P:og, the oldest whose hash may still hold a queued
- * message, to now, and always in the one before now; origins_trim (LUA_HELPERS) gives older hashes
- * a TTL. Versions before 2026-12 kept P:o (queued origins) and P:dd:<w> (the origins of messages
- * purged in window w, with a TTL): the first put, ack or purge of a user without P:og makes them
- * the hashes of this window and the one before (origins_upgrade). P:dd:<origin> strings are what
- * versions before 2026-11 wrote; a put still honours them (the put reads them in its one MGET).
- * The window comes from Redis' clock once per script call: the puts of one put_many call happen
- * at one instant as far as dedupe can tell. */
+ * message, to now (64 at most: a window far shorter than archive_after is warned about at start),
+ * and always in the one before now; origins_trim (LUA_HELPERS) gives older hashes a TTL. Versions
+ * before 2026-12 kept P:o (queued origins) and P:dd:<w> (the origins of messages purged in window
+ * w, with a TTL): the first put, ack or purge of a user without P:og makes them the hashes of this
+ * window and the one before (origins_upgrade). That also runs after an eviction, which gave every
+ * hash a TTL: this window's, which new origins go into, loses it again. P:dd:<origin> strings are
+ * what versions before 2026-11 wrote; a put still honours them (the put reads them in its one
+ * MGET). The window comes from Redis' clock once per script call: the puts of one put_many call
+ * happen at one instant as far as dedupe can tell. */
 #define LUA_ORIGINS                                                                                \
     "local window_at = nil\n"                                                                      \
     "local function window_now()\n"                                                                \
@@ -65,7 +67,6 @@
     "  if redis.call('EXISTS', d) == 1 then\n"                                                     \
     "    if redis.call('EXISTS', cur) == 0 then\n"                                                 \
     "      redis.call('RENAME', d, cur)\n"                                                         \
-    "      redis.call('PERSIST', cur)\n"                                                           \
     "    else\n"                                                                                   \
     "      local kv = redis.call('HGETALL', d)\n"                                                  \
     "      for i = 1, #kv, 1000 do redis.call('HSET', cur, unpack(kv, i, math.min(i + 999, "       \
@@ -73,6 +74,7 @@
     "      redis.call('DEL', d)\n"                                                                 \
     "    end\n"                                                                                    \
     "  end\n"                                                                                      \
+    "  redis.call('PERSIST', cur)\n"                                                               \
     "  redis.call('SET', P .. ':og', w)\n"                                                         \
     "  return w\n"                                                                                 \
     "end\n"                                                                                        \
@@ -83,7 +85,7 @@
     "end\n"                                                                                        \
     "local function origin_find(P, okey, oldest)\n"                                                \
     "  local w = window_now()\n"                                                                   \
-    "  for g = w, math.min(oldest, w - 1), -1 do\n"                                                \
+    "  for g = w, math.max(math.min(oldest, w - 1), w - 63), -1 do\n"                              \
     "    local sid = redis.call('HGET', P .. ':o:' .. g, okey)\n"                                  \
     "    if sid then return sid end\n"                                                             \
     "  end\n"                                                                                      \

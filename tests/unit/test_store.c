@@ -707,6 +707,17 @@ static void test_dedupe_upgrade(void)
     snprintf(k, sizeof k, "rd:{%s}:o", hal);
     snprintf(v, sizeof v, "rd:{%s}:dd:%lld", hal, w);
     CHECK(raw_int("EXISTS %s %s", k, v) == 0);
+
+    /* As after an eviction (every origin hash has a TTL, no P:og): the next put's origin goes
+     * into this window's hash, which must then keep it while the message is queued. */
+    snprintf(k, sizeof k, "rd:{%s}:o:%lld", hal, w);
+    freeReplyObject(raw("PEXPIRE %s 100000", k));
+    snprintf(v, sizeof v, "rd:{%s}:og", hal);
+    freeReplyObject(raw("DEL %s", v));
+    CHECK(put(hal, alice, "u9", true, 100, 3000) == 0);
+    CHECK(put_res.status == STORE_PUT_OFFLINE);
+    CHECK(raw_int("PTTL %s", k, NULL) == -1);
+    CHECK(raw_int("HLEN %s", k, NULL) == 3);
 }
 
 /* ---- puts made in one loop turn ---- */
