@@ -53,6 +53,8 @@ typedef struct daemon {
     uint64_t epoch_checked_at;
     uint64_t ping_counter;
     uint64_t stale_pinged; /* resources pinged after the last attach */
+    char **early;          /* presence before this link's epoch was known (presence.c) */
+    size_t nearly;
     stats_t stats;
     log_throttle_t store_log;
 } daemon_t;
@@ -91,6 +93,7 @@ void relay_push(daemon_t *d, const char *user, const char *const *resources, siz
                 const char *sid, const char *blob, size_t blob_len);
 void presence_handle(daemon_t *d, xmpp_stanza_t *pres, const route_t *r);
 void presence_on_epoch(daemon_t *d);
+void presence_free_early(daemon_t *d);
 /* Adopts a newer link epoch of another instance sharing the Redis ("N" or "N-..."), and pings
  * what is registered under older ones. */
 void presence_follow_epoch(daemon_t *d, const char *epoch);

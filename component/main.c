@@ -348,6 +348,7 @@ int main(int argc, char **argv)
 
     log_stats(d);
     readahead_free(d->readahead);
+    presence_free_early(d);
     int rc = uv_loop_close(&loop);
     if (rc != 0)
         log_warn("receiptd: event loop closed with handles open: %s", uv_strerror(rc));

@@ -27,14 +27,67 @@ static void send_presence(daemon_t *d, const char *to, const char *type)
     daemon_send(d, p);
 }
 
-static void registry_update(daemon_t *d, store_presence_op_t op, const route_t *r)
+static void record(daemon_t *d, store_presence_op_t op, const char *full, const char *bare,
+                   const char *resource)
 {
     /* Presence is activity: it keeps the user from eviction, or brings an evicted one back. */
     if (d->store)
-        tiers_touch(d, r->from_bare);
-    if (!d->store || store_presence(d->store, op, r->from_bare, r->from_jid.resource,
-                                    daemon_now_ms(), NULL, NULL) < 0)
-        log_warn("presence: storage unavailable; presence of %s not recorded", r->from);
+        tiers_touch(d, bare);
+    if (!d->store || store_presence(d->store, op, bare, resource, daemon_now_ms(), NULL, NULL) < 0)
+        log_warn("presence: storage unavailable; presence of %s not recorded", full);
+}
+
+/* Presence that comes between the handshake and the moment this link's epoch is known is
+ * recorded under epoch "0", which counts nobody online, and the verification pings the epoch
+ * then starts can miss it: they go to the users of the online index, which a presence joins only
+ * once its own script answered, after the epoch's. So such presence is kept (full JIDs, bounded)
+ * and recorded again with the epoch (presence_on_epoch). */
+#define EARLY_MAX 1024
+
+static void early_forget(daemon_t *d, const char *full)
+{
+    for (size_t i = 0; i < d->nearly; i++) {
+        if (strcmp(d->early[i], full) == 0) {
+            free(d->early[i]);
+            d->early[i] = d->early[--d->nearly];
+            return;
+        }
+    }
+}
+
+static void early_keep(daemon_t *d, const char *full)
+{
+    early_forget(d, full);
+    if (d->nearly == EARLY_MAX) {
+        log_warn("presence: more than %d resources announced before the link epoch was known; "
+                 "%s counts as online once it sends presence again",
+                 EARLY_MAX, full);
+        return;
+    }
+    if (!d->early && !(d->early = calloc(EARLY_MAX, sizeof *d->early)))
+        return;
+    char *copy = strdup(full);
+    if (copy)
+        d->early[d->nearly++] = copy;
+}
+
+void presence_free_early(daemon_t *d)
+{
+    while (d->nearly)
+        free(d->early[--d->nearly]);
+    free(d->early);
+    d->early = NULL;
+}
+
+static void registry_update(daemon_t *d, store_presence_op_t op, const route_t *r)
+{
+    if (strcmp(d->epoch, "0") == 0) {
+        if (op == STORE_PRESENCE_SET)
+            early_keep(d, r->from);
+        else
+            early_forget(d, r->from);
+    }
+    record(d, op, r->from, r->from_bare, r->from_jid.resource);
 }
 
 void presence_handle(daemon_t *d, xmpp_stanza_t *pres, const route_t *r)
@@ -122,6 +175,14 @@ void presence_follow_epoch(daemon_t *d, const char *epoch)
 
 void presence_on_epoch(daemon_t *d)
 {
+    for (size_t i = 0; i < d->nearly; i++) {
+        proto_jid_t jid;
+        char bare[PROTO_JID_MAX];
+        if (proto_jid_parse(d->early[i], &jid) == 0 &&
+            proto_jid_format_bare(&jid, bare, sizeof bare) == 0)
+            record(d, STORE_PRESENCE_SET, d->early[i], bare, jid.resource);
+    }
+    presence_free_early(d);
     d->stale_pinged = 0;
     if (d->store && store_presence_stale(d->store, on_stale, d) < 0)
         log_warn("presence: storage unavailable; resources from before the link stay offline");

@@ -107,6 +107,7 @@ class FakeServer:
         self.port = free_port()
         self.links = asyncio.Queue()
         self.handshakes = 0
+        self.after_handshake = b""  # sent in the same write as <handshake/> (once)
 
     async def start(self):
         self.server = await asyncio.start_server(self.accept, "127.0.0.1", self.port)
@@ -143,7 +144,8 @@ class FakeServer:
                          b"xmlns:stream='http://etherx.jabber.org/streams'>")
         list(link.parser.read_events())
         link.depth = 1
-        writer.write(b"<handshake/>")
+        writer.write(b"<handshake/>" + self.after_handshake)
+        self.after_handshake = b""
         asyncio.ensure_future(link.pump())
         self.links.put_nowait(link)
 
@@ -324,6 +326,28 @@ async def cases(server, proc):
         state["link"] = await server.next_link()
         await ping_ok(state["link"])
 
+    async def early_presence():
+        # Presence that reaches receiptd with the handshake's answer, before the link epoch is
+        # known (component/presence.c, EARLY_MAX): it must still count once the epoch is there.
+        dave = "dave@localhost/phone"
+        server.after_handshake = ("<presence from='%s' to='%s'/>" % (dave, C)).encode()
+        l = state["link"]
+        l.send("<stream:error><system-shutdown xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>"
+               "</stream:error></stream:stream>")
+        await asyncio.wait_for(l.closed.wait(), 5)
+        state["link"] = l = await server.next_link()
+        await ping_ok(l)
+        # Messages stored before the epoch is known find nobody online; once it is, dave must be.
+        for i in range(30):
+            l.send(msg("early%d" % i, "dave\\40localhost@" + C,
+                       extra="<request xmlns='urn:xmpp:receipts'/>"))
+            try:
+                await l.expect(lambda el: el.get("to") == dave, "", timeout=0.2)
+                return
+            except AssertionError:
+                pass
+        raise AssertionError("%s announced itself before the epoch and never got a push" % dave)
+
     async def cut_mid_stanza():
         l = state["link"]
         l.send("<message id='cut' from='%s' to='bob\\40localhost@%s'><bo" % (ALICE, C))
@@ -336,7 +360,8 @@ async def cases(server, proc):
                      ("payloads", payloads), ("foreign-floods", floods),
                      ("slow-reader", slow_reader),
                      ("undefined-entity", entities), ("invalid-utf8", bad_utf8),
-                     ("stream-error", stream_error), ("cut-mid-stanza", cut_mid_stanza)]:
+                     ("stream-error", stream_error), ("early-presence", early_presence),
+                     ("cut-mid-stanza", cut_mid_stanza)]:
         await case(name, fn)
     return results
 
