@@ -1542,7 +1542,10 @@ def main():
             "(VmHWM reset with clear_refs when queueing ended) while retrieving. Every ack "
             "relays a receipt to each message's sender; with the senders offline that is one "
             "more Redis write per message, with them online (`--senders-online`: directed "
-            "presence from the 100 senders first) the receipts are pushed to loadgen instead.",
+            "presence from the 100 senders first) the receipts are pushed to loadgen instead. "
+            "receiptd reads the next pages while the client reads one "
+            "(`component/readahead.h`), so a fetch is mostly answered without waiting for "
+            "Redis; the log's 'fetches answered by read-ahead' counts them.",
             "- `fetch_max_bytes = %d` in the bench config: receiptd budgets each stored blob "
             "plus 320 bytes per message, so the default 65536 would cut these pages at 97 "
             "messages; the pages really are ~60 kB." % FETCH_MAX_BYTES]
