@@ -599,8 +599,8 @@ static long long raw_int(const char *fmt, const char *a, const char *b)
 }
 
 /* Dedupe outlives the message: its origin stays in the hash of the window it arrived in after
- * the purge, and a repeat is answered with the first stanza id. Marks of earlier versions (a
- * string per message) still count, and their P:k entries go with the purge. */
+ * the purge, and a repeat is answered with the first stanza id. P:k entries of earlier versions
+ * go with the purge. */
 static void test_dedupe_marks(void)
 {
     const char *gil = "gil@t1", *alice = "alice@t1";
@@ -629,12 +629,6 @@ static void test_dedupe_marks(void)
     CHECK(raw_int("PTTL %s", key, NULL) == -1); /* this window's: no TTL while it is current */
     CHECK(raw_int("GET %s", og, NULL) == w);
 
-    char legacy[128];
-    snprintf(legacy, sizeof legacy, "rd:{%s}:dd:%s d9", gil, alice);
-    freeReplyObject(raw("SET %s 7-legacy EX 60", legacy));
-    CHECK(put(gil, alice, "d9", true, 100, 3000) == 0);
-    CHECK(put_res.status == STORE_PUT_DUP);
-    CHECK_STR(put_sid, "7-legacy");
     CHECK(put(gil, alice, "d2", true, 100, 3001) == 0);
     CHECK(put_res.status == STORE_PUT_OFFLINE);
     char second[64];
