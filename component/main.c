@@ -93,6 +93,9 @@ static void on_link_up(void *ud)
 
 static void on_link_down(void *ud)
 {
+    /* Presence kept for an epoch this link never got is stale: the next link verifies those
+     * resources by pinging them (the online index has them by then). */
+    presence_free_early(ud);
     epoch_reset(ud);
 }
 
