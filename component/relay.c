@@ -23,7 +23,8 @@ typedef struct put_ctx {
     bool track;
     bool is_receipt;
     bool restored;             /* the recipient's state was restored once already */
-    struct put_ctx *next_cold; /* queued behind a cold recipient (see put_cold) */
+    struct put_ctx *next_cold; /* queued behind a cold recipient (see put_cold), or a receipt
+                                  behind the others of its group (receipt_group_t) */
     uint64_t arrival;          /* order of arrival, which the cold queue keeps */
     const char *recipient, *sender_bare, *sender_full, *orig_id; /* in strs; orig_id "" if none */
     int64_t stamp_ms;
@@ -410,6 +411,68 @@ typedef struct ack_ctx {
     char acker_full[PROTO_JID_MAX];
 } ack_ctx_t;
 
+/* The receipts of one acked batch to one sender, chained through next_cold in the order of the
+ * batch. They ask who is online once for all of them: a sender online gets them pushed without
+ * a put, which is most of them (a put costs Redis eight times the read, tests/bench/RESULTS.md);
+ * one offline gets them put in order, each put looking again. A receipt put that way may land in
+ * the sender's queue after a message the acker sent meanwhile: receipts carry no order. */
+typedef struct receipt_group {
+    daemon_t *d;
+    put_ctx_t *head, *tail;
+} receipt_group_t;
+
+static void on_receipts_online(void *ud, int err, const char *const *resources, size_t n)
+{
+    receipt_group_t *g = ud;
+    put_ctx_t *pc = g->head;
+    while (pc) {
+        put_ctx_t *next = pc->next_cold;
+        pc->next_cold = NULL;
+        if (!err && n > 0) {
+            relay_push(g->d, pc->recipient, resources, n, "", pc->blob.data, pc->blob.len);
+            put_ctx_free(pc);
+        } else {
+            put_start(pc); /* an error comes back from the put too, which reports it */
+        }
+        pc = next;
+    }
+    free(g);
+}
+
+static void receipts_send(daemon_t *d, receipt_group_t **groups, size_t ngroups)
+{
+    for (size_t i = 0; i < ngroups; i++) {
+        receipt_group_t *g = groups[i];
+        int rc = d->store ? store_online(d->store, g->head->recipient, on_receipts_online, g)
+                          : STORE_EDOWN;
+        if (rc < 0)
+            on_receipts_online(g, rc, NULL, 0);
+    }
+}
+
+/* Adds pc to its sender's group among the last few of groups[0..*n), making one if there is
+ * none (NULL: out of memory; pc is then not taken). Looking further back would make a large ack
+ * quadratic; a sender with two groups still gets its receipts in order, the answers to the
+ * groups coming back in the order they were asked. */
+static receipt_group_t *receipt_group_add(daemon_t *d, receipt_group_t **groups, size_t *n,
+                                          put_ctx_t *pc)
+{
+    for (size_t i = *n; i-- > 0 && *n - i <= 32;) {
+        if (strcmp(groups[i]->head->recipient, pc->recipient) == 0) {
+            groups[i]->tail->next_cold = pc;
+            groups[i]->tail = pc;
+            return groups[i];
+        }
+    }
+    receipt_group_t *g = malloc(sizeof *g);
+    if (!g)
+        return NULL;
+    g->d = d;
+    g->head = g->tail = pc;
+    groups[(*n)++] = g;
+    return g;
+}
+
 void relay_send_receipts(daemon_t *d, const char *acker_full, const store_item_t *items, size_t n)
 {
     proto_jid_t acker;
@@ -420,8 +483,13 @@ void relay_send_receipts(daemon_t *d, const char *acker_full, const store_item_t
         daemon_relay_address(d, acker_bare, from, sizeof from) < 0)
         return;
     store_blob_t *b = malloc(sizeof *b);
-    if (!b)
+    receipt_group_t **groups = n ? malloc(n * sizeof *groups) : NULL;
+    size_t ngroups = 0;
+    if (!b || !groups) {
+        free(b);
+        free(groups);
         return;
+    }
     proto_buf_t inner;
     proto_buf_init(&inner);
     for (size_t i = 0; i < n; i++) {
@@ -444,15 +512,17 @@ void relay_send_receipts(daemon_t *d, const char *acker_full, const store_item_t
         if (!pc)
             break;
         store_blob_encode(&pc->blob, pc->stamp_ms, 0, acker_full, NULL, id, inner.data, inner.len);
-        if (inner.failed || proto_buf_finish(&pc->blob) < 0) {
+        if (inner.failed || proto_buf_finish(&pc->blob) < 0 ||
+            !receipt_group_add(d, groups, &ngroups, pc)) {
             put_ctx_free(pc);
             break;
         }
-        put_start(pc);
         d->stats.receipts_relayed++;
     }
     proto_buf_free(&inner);
     free(b);
+    receipts_send(d, groups, ngroups);
+    free(groups);
 }
 
 static void on_received(void *ud, int err, const store_item_t *items, size_t n)

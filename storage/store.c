@@ -342,6 +342,30 @@ static int reply_put_many(req_t *rq, const redisReply *r)
     return 0;
 }
 
+/* A registry (resource, epoch, ...) as online() reads it in storage/scripts.c: an entry counts
+ * from the store's epoch on, and nobody does while that is 0 (no link yet). */
+static int reply_online(req_t *rq, const redisReply *r)
+{
+    if (r->type != REDIS_REPLY_ARRAY || r->elements % 2)
+        return -1;
+    const char **res = r->elements ? calloc(r->elements / 2, sizeof *res) : NULL;
+    if (r->elements && !res)
+        return -1;
+    unsigned long long cur = strtoull(rq->st->epoch, NULL, 10);
+    size_t n = 0;
+    for (size_t i = 0; i < r->elements; i += 2) {
+        if (!store_reply_is_str(r->element[i]) || !store_reply_is_str(r->element[i + 1])) {
+            free(res);
+            return -1;
+        }
+        if (cur > 0 && strtoull(r->element[i + 1]->str, NULL, 10) >= cur)
+            res[n++] = r->element[i]->str;
+    }
+    rq->cb.online(rq->ud, 0, res, n);
+    free(res);
+    return 0;
+}
+
 static int reply_dispatch(req_t *rq, const redisReply *r)
 {
     store_item_t *items;
@@ -368,6 +392,8 @@ static int reply_dispatch(req_t *rq, const redisReply *r)
         if (rq->cb.done)
             rq->cb.done(rq->ud, 0);
         return 0;
+    case REQ_ONLINE:
+        return reply_online(rq, r);
     case REQ_FLAG:
         if (r->type != REDIS_REPLY_INTEGER)
             return -1;
@@ -462,6 +488,9 @@ static void reply_fail(req_t *rq, int err)
         break;
     case REQ_EPOCH:
         rq->cb.epoch(rq->ud, err, NULL);
+        break;
+    case REQ_ONLINE:
+        rq->cb.online(rq->ud, err, NULL, 0);
         break;
     case REQ_SUMMARY:
         rq->cb.summary(rq->ud, err, 0, 0, NULL, NULL, 0, false);
@@ -1096,6 +1125,22 @@ int store_presence(store_t *st, store_presence_op_t op, const char *user, const 
 void store_set_epoch(store_t *st, const char *epoch)
 {
     snprintf(st->epoch, sizeof st->epoch, "%s", epoch && *epoch ? epoch : "0");
+}
+
+int store_online(store_t *st, const char *user, store_online_cb cb, void *ud)
+{
+    char key[PREFIX_MAX + 2];
+    if (store_user_prefix(key, PREFIX_MAX, user) < 0)
+        return STORE_EREPLY;
+    strcat(key, ":r");
+    cmd_t c = {0};
+    req_t *rq = store_req_new(REQ_ONLINE, ud);
+    if (!rq)
+        return STORE_ENOMEM;
+    rq->cb.online = cb;
+    store_cmd_add(&c, "HGETALL");
+    store_cmd_add(&c, key);
+    return store_send(st, rq, &c);
 }
 
 int store_epoch_get(store_t *st, store_string_cb cb, void *ud)

@@ -132,6 +132,12 @@ int store_presence(store_t *st, store_presence_op_t op, const char *user, const 
 typedef void (*store_stale_cb)(void *ud, int err, const char *user, const char *const *resources,
                                size_t n, bool last);
 int store_presence_stale(store_t *st, store_stale_cb cb, void *ud);
+/* The resources of user online for the store's link epoch, as the scripts count them (their
+ * registry entry carries that epoch or a newer one), read with a plain HGETALL and no script: a
+ * relayed receipt asks this before it is put (component/relay.c), since a put costs Redis eight
+ * times what this read does. */
+typedef void (*store_online_cb)(void *ud, int err, const char *const *resources, size_t n);
+int store_online(store_t *st, const char *user, store_online_cb cb, void *ud);
 /* INCR of the link epoch; the new value as a decimal string. */
 typedef void (*store_epoch_cb)(void *ud, int err, const char *epoch);
 int store_epoch_next(store_t *st, store_epoch_cb cb, void *ud);

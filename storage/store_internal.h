@@ -32,6 +32,7 @@ typedef enum {
     REQ_STRING,
     REQ_VALUE,    /* a plain string reply (or nil) */
     REQ_REGISTRY, /* presence and bounce: keeps the online index in step */
+    REQ_ONLINE,   /* store_online: a user's registry, filtered by the epoch */
     REQ_IGNORE,
     REQ_SWEEP /* storage/sweep.c */
 } req_kind_t;
@@ -51,6 +52,7 @@ typedef struct req {
         store_summary_cb summary;
         store_fetch_cb fetch;
         store_string_cb string;
+        store_online_cb online;
     } cb;
     void *ud;
     struct sweep *sweep; /* REQ_SWEEP */

@@ -256,6 +256,24 @@ static void test_offline_queue(void)
     CHECK(sum_count == 1);
 }
 
+static size_t online_n;
+static char online0[64];
+static void on_online(void *ud, int err, const char *const *res, size_t n)
+{
+    (void)ud;
+    online_n = err ? 999 : n;
+    snprintf(online0, sizeof online0, "%s", n ? res[0] : "");
+    done = 1;
+}
+
+/* store_online, which relayed receipts ask first: who a put would find online. */
+static size_t online_of(const char *user)
+{
+    CHECK(store_online(st, user, on_online, NULL) == 0);
+    run_until_done();
+    return online_n;
+}
+
 static void test_live_and_due(void)
 {
     const char *carol = "carol@t1", *alice = "alice@t1";
@@ -271,6 +289,9 @@ static void test_live_and_due(void)
     CHECK(put(carol, alice, "l1", true, 100, 10000) == 0);
     CHECK(put_res.status == STORE_PUT_LIVE && put_res.nresources == 1);
     CHECK_STR(put_res0, "tab");
+    CHECK(online_of(carol) == 1);
+    CHECK_STR(online0, "tab");
+    CHECK(online_of("nobody@t1") == 0);
     /* After another attach (any instance's) the resource is unverified: not online. */
     char before[32];
     snprintf(before, sizeof before, "%s", epoch);
@@ -278,6 +299,7 @@ static void test_live_and_due(void)
     run_until_done();
     CHECK(put(carol, alice, "l2", true, 100, 10000) == 0);
     CHECK(put_res.status == STORE_PUT_OFFLINE);
+    CHECK(online_of(carol) == 0);
     /* Verified again (it answered a ping): online. */
     CHECK(store_presence(st, STORE_PRESENCE_VERIFY, carol, "tab", 0, on_done, &err) == 0);
     run_until_done();
@@ -285,6 +307,13 @@ static void test_live_and_due(void)
     /* Without a receipt request a live message is pushed, not kept. */
     CHECK(put(carol, alice, "l3", false, 100, 10000) == 0);
     CHECK(put_res.status == STORE_PUT_LIVE && put_sid[0] == '\0');
+    CHECK(online_of(carol) == 1);
+    /* Before any link epoch is known nobody is online, as for the scripts. */
+    char cur[32];
+    snprintf(cur, sizeof cur, "%s", epoch);
+    store_set_epoch(st, "0");
+    CHECK(online_of(carol) == 0);
+    store_set_epoch(st, cur);
 
     /* Due after retry (100 ms): resent. */
     CHECK(claim_due(10150) == 0);
