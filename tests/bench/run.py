@@ -1542,7 +1542,9 @@ def main():
             "(VmHWM reset with clear_refs when queueing ended) while retrieving. Every ack "
             "relays a receipt to each message's sender; with the senders offline that is one "
             "more Redis write per message, with them online (`--senders-online`: directed "
-            "presence from the 100 senders first) the receipts are pushed to loadgen instead. "
+            "presence from the 100 senders first) the receipts are pushed to loadgen instead, "
+            "after one plain read of who is online per sender and acked page "
+            "(`component/relay.c`). "
             "receiptd reads the next pages while the client reads one "
             "(`component/readahead.h`), so a fetch is mostly answered without waiting for "
             "Redis; the log's 'fetches answered by read-ahead' counts them.",

@@ -61,7 +61,7 @@ static unsigned next(void)
     return (unsigned)(rng >> 33);
 }
 
-typedef enum { P_PUT, P_ITEMS, P_ACK, P_DONE, P_EPOCH, P_SUMMARY, P_FETCH, P_FLAG, P_STALE } pending_kind_t;
+typedef enum { P_PUT, P_ITEMS, P_ACK, P_DONE, P_EPOCH, P_SUMMARY, P_FETCH, P_FLAG, P_STALE, P_ONLINE } pending_kind_t;
 typedef struct pending {
     pending_kind_t kind;
     void *cb, *ud;
@@ -130,6 +130,9 @@ static void run_pending(void)
                 ((store_done_cb)p.cb)(p.ud, err);
             break;
         case P_EPOCH: ((store_epoch_cb)p.cb)(p.ud, err, err ? NULL : "7"); break;
+        case P_ONLINE:
+            ((store_online_cb)p.cb)(p.ud, err, err ? NULL : resources, err ? 0 : next() % 4);
+            break;
         case P_STALE:
             if (!err)
                 ((store_stale_cb)p.cb)(p.ud, 0, "bob@localhost", resources, next() % 3, false);
@@ -171,6 +174,8 @@ int store_presence(store_t *st, store_presence_op_t op, const char *user, const 
 { (void)st; (void)op; (void)user; (void)resource; (void)now_ms;
   return enqueue(P_DONE, (void *)cb, ud); }
 void store_set_epoch(store_t *st, const char *epoch) { (void)st; (void)epoch; }
+int store_online(store_t *st, const char *user, store_online_cb cb, void *ud)
+{ (void)st; (void)user; return enqueue(P_ONLINE, (void *)cb, ud); }
 int store_presence_stale(store_t *st, store_stale_cb cb, void *ud)
 { (void)st; return enqueue(P_STALE, (void *)cb, ud); }
 int store_summary(store_t *st, const store_device_t *who, unsigned max, store_summary_cb cb,
