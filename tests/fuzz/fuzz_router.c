@@ -61,7 +61,9 @@ static unsigned next(void)
     return (unsigned)(rng >> 33);
 }
 
-typedef enum { P_PUT, P_ITEMS, P_ACK, P_DONE, P_EPOCH, P_SUMMARY, P_FETCH, P_FLAG, P_STALE, P_ONLINE } pending_kind_t;
+typedef enum {
+    P_PUT, P_ITEMS, P_ACK, P_DONE, P_EPOCH, P_SUMMARY, P_FETCH, P_FLAG, P_STALE, P_ONLINE
+} pending_kind_t;
 typedef struct pending {
     pending_kind_t kind;
     void *cb, *ud;
