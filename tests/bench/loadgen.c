@@ -15,6 +15,10 @@
  * warm_p99_ms. With W >= R every recipient gets state in Redis during the warm-up, which is the
  * one-time cost of a new user (storage/SCHEMA.md, "cold").
  *
+ * --dump FILE writes a line per answered message, "index sent_us latency_us" (sent_us on the
+ * monotonic clock, CLOCK_MONOTONIC): where the slow answers fall in time, which percentiles
+ * cannot show, to set beside what other processes did meanwhile.
+ *
  * With --fetch it then plays recipient r0@localhost (use --recipients 1 so that all N messages are
  * in that one queue) and retrieves the queue as a client would (fetcher.h): prints the store line
  * prefixed "queued", then with --pause waits for a line on stdin (so the caller can measure
@@ -24,10 +28,11 @@
  * loadgen, which counts them.
  *
  * usage: loadgen --port P --secret S [-n N] [--senders S] [--recipients R] [--window W]
- *                [--rate MSGS_PER_S] [--warmup W] [--domain C] [--stall S]
+ *                [--rate MSGS_PER_S] [--warmup W] [--domain C] [--stall S] [--dump FILE]
  *                [--fetch [--batch B] [--max-acks A] [--pause] [--senders-online]]
  */
 #include <getopt.h>
+#include <inttypes.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -49,6 +54,8 @@ typedef struct gen {
     long warmup, measured, warmed;         /* --warmup; acked after it; acked within it */
     uint64_t *sent_at;                     /* ns, per message index */
     uint64_t *latency, *warm_latency;      /* ns, per acked message after / within the warm-up */
+    const char *dump;                      /* --dump */
+    uint64_t *dump_sent, *dump_ns;         /* --dump: per message index, sent at, latency (ns) */
     uint64_t start_ns, end_ns, measure_ns; /* measure_ns: message `warmup` was sent */
     int phase; /* 0 header, 1 handshake, 2 storing, 3 waiting for go, 4 retrieving */
     char stream_id[64];
@@ -252,6 +259,10 @@ static void answered(gen_t *g, long i, bool ok)
     if (ok) {
         uint64_t ns = uv_hrtime() - g->sent_at[i];
         g->acked++;
+        if (g->dump_ns) {
+            g->dump_sent[i] = g->sent_at[i];
+            g->dump_ns[i] = ns;
+        }
         if (i < g->warmup)
             g->warm_latency[g->warmed++] = ns;
         else
@@ -425,21 +436,14 @@ static void on_connection(uv_stream_t *server, int status)
 int main(int argc, char **argv)
 {
     static const struct option opts[] = {
-        {"port", required_argument, NULL, 'p'},
-        {"secret", required_argument, NULL, 's'},
-        {"senders", required_argument, NULL, 'S'},
-        {"recipients", required_argument, NULL, 'R'},
-        {"window", required_argument, NULL, 'w'},
-        {"rate", required_argument, NULL, 'r'},
-        {"domain", required_argument, NULL, 'd'},
-        {"fetch", no_argument, NULL, 'F'},
-        {"batch", required_argument, NULL, 'b'},
-        {"max-acks", required_argument, NULL, 'A'},
-        {"pause", no_argument, NULL, 'P'},
-        {"stall", required_argument, NULL, 'T'},
-        {"senders-online", no_argument, NULL, 'O'},
-        {"warmup", required_argument, NULL, 'W'},
-        {NULL, 0, NULL, 0},
+        {"port", required_argument, NULL, 'p'},     {"secret", required_argument, NULL, 's'},
+        {"senders", required_argument, NULL, 'S'},  {"recipients", required_argument, NULL, 'R'},
+        {"window", required_argument, NULL, 'w'},   {"rate", required_argument, NULL, 'r'},
+        {"domain", required_argument, NULL, 'd'},   {"fetch", no_argument, NULL, 'F'},
+        {"batch", required_argument, NULL, 'b'},    {"max-acks", required_argument, NULL, 'A'},
+        {"pause", no_argument, NULL, 'P'},          {"stall", required_argument, NULL, 'T'},
+        {"senders-online", no_argument, NULL, 'O'}, {"warmup", required_argument, NULL, 'W'},
+        {"dump", required_argument, NULL, 'D'},     {NULL, 0, NULL, 0},
     };
     gen_t g = {.secret = "bench",
                .domain = "receipts.localhost",
@@ -498,6 +502,9 @@ int main(int argc, char **argv)
         case 'W':
             g.warmup = atol(optarg);
             break;
+        case 'D':
+            g.dump = optarg;
+            break;
         default:
             fprintf(stderr, "usage: see the comment at the top of loadgen.c\n");
             return 2;
@@ -510,6 +517,10 @@ int main(int argc, char **argv)
         return 2;
     }
     g.latency = calloc((size_t)g.n, sizeof *g.latency);
+    if (g.dump) {
+        g.dump_sent = calloc((size_t)g.n, sizeof *g.dump_sent);
+        g.dump_ns = calloc((size_t)g.n, sizeof *g.dump_ns);
+    }
     g.warm_latency = calloc((size_t)(g.warmup ? g.warmup : 1), sizeof *g.warm_latency);
     g.loop = uv_default_loop();
     uv_tcp_init(g.loop, &g.server);
@@ -530,6 +541,15 @@ int main(int argc, char **argv)
     printf("ready\n");
     fflush(stdout);
     uv_run(g.loop, UV_RUN_DEFAULT);
+    if (g.dump) {
+        FILE *f = fopen(g.dump, "w");
+        for (long i = 0; f && i < g.n; i++)
+            if (g.dump_ns[i])
+                fprintf(f, "%ld %" PRIu64 " %" PRIu64 "\n", i, g.dump_sent[i] / 1000,
+                        g.dump_ns[i] / 1000);
+        if (!f || fclose(f) != 0)
+            fprintf(stderr, "loadgen: cannot write %s\n", g.dump);
+    }
 
     /* Error answers are figures, not failures; a stall or a lost connection is a failure. */
     bool answered_all = !g.stalled && g.acked + g.errors == g.n;
