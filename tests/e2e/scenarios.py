@@ -718,6 +718,31 @@ async def ack_relay(t):
                  extra=["<received xmlns='%s' id='ar-3'/>" % NS_RECEIPTS], mtype=None)
     await alice.wait_receipt("ar-3")
     t.eq(await bob.count(), 0, "bob's count after a <received/> message for a queued item")
+    # One ack of messages from an online sender and an unannounced one, interleaved: receiptd
+    # asks who is online once per sender (component/relay.c), so alice's receipts are pushed,
+    # and not stored, and carol's go into her queue, each in the order of the ack.
+    carol = await t.client("carol", announce=False)
+    mixed = []
+    for i in range(3):
+        for c, name in ((alice, "alice"), (carol, "carol")):
+            mid = "mx-%s-%d" % (name, i)
+            mixed.append((name, mid, await send_stored(t, c, "bob", mid)))
+    t.eq(sorted(s for s, _ in await bob.fetch_all()), sorted(s for _, _, s in mixed),
+         "bob's queue of mixed senders")
+    await bob.ack([s for _, _, s in mixed])
+    for name, mid, _ in mixed:
+        if name == "alice":
+            await alice.wait_receipt(mid)
+    t.eq(await alice.count(), 0, "alice's queue: her receipts were pushed, not stored")
+    queued = []
+    for _, f in await carol.fetch_all():
+        m = forwarded_message(f)
+        r = m.find(q(NS_RECEIPTS, "received")) if m is not None else None
+        t.check(r is not None, "queued item for carol is not a receipt: %s", xml_str(f))
+        queued.append(r.get("id"))
+    t.eq(queued, [mid for name, mid, _ in mixed if name == "carol"], "carol's queued receipts")
+    no_messages(t, carol, lambda m: find(m, NS_RECEIPTS, "received") is not None,
+                "receipts pushed to an unannounced sender")
 
 
 @scenario("errors", delivery={"max_stanza_bytes": 4096})
