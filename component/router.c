@@ -33,8 +33,8 @@ void daemon_send_text(daemon_t *d, const char *text, size_t len)
         log_debug("router: could not send %zu bytes: link down or outbox full", len);
 }
 
-void daemon_reply_error(daemon_t *d, xmpp_stanza_t *stanza, const char *type,
-                        const char *condition, const char *text)
+void daemon_reply_error(daemon_t *d, xmpp_stanza_t *stanza, const char *type, const char *condition,
+                        const char *text)
 {
     const char *t = xmpp_stanza_get_type(stanza);
     /* RFC 6120 8.3.1: never answer an error with an error. */
@@ -95,8 +95,11 @@ void router_dispatch(daemon_t *d, xmpp_stanza_t *s, bool oversize)
         log_debug("router: ignoring <%s/> from the server", name ? name : "?");
         return;
     }
+    /* Not cleared whole: a route is 12 kB of JID buffers, and clearing it for every stanza was
+     * 15% of receiptd's instructions per stored message. What is not set below starts empty. */
     route_t r;
-    memset(&r, 0, sizeof r);
+    r.from_bare[0] = r.peer_bare[0] = '\0';
+    r.from_served = false;
     /* The server stamps from and to; a stanza without them is not one we can answer. */
     if (!from || !to || proto_jid_parse(from, &r.from_jid) < 0 ||
         proto_jid_parse(to, &r.to_jid) < 0 || strcmp(r.to_jid.domain, d->cfg.jid) != 0) {

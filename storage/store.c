@@ -34,6 +34,7 @@ static void maybe_free(store_t *st)
                 free(st->ixb[i].args[k]);
             free(st->ixb[i].args);
         }
+        proto_buf_free(&st->resp);
         free(st->host);
         free(st->socket);
         free(st->password);

@@ -7,6 +7,7 @@
 #include <hiredis/hiredis.h>
 #include <stdbool.h>
 
+#include "buf.h"
 #include "scripts.h"
 #include "slots.h"
 #include "store.h"
@@ -130,6 +131,7 @@ struct store {
     req_list_t puts_failed;
     uv_check_t turn_end; /* flushes what a loop turn gathered: ixb and puts */
     bool turn_scheduled;
+    proto_buf_t resp;       /* rconn_send writes each command's RESP here, then hiredis copies it */
     unsigned wait_replicas; /* WAIT for this many replicas after a put, before answering it */
     unsigned wait_timeout_ms;
 };
