@@ -452,8 +452,8 @@ static void receipts_send(daemon_t *d, receipt_group_t **groups, size_t ngroups)
 
 /* Adds pc to its sender's group among the last few of groups[0..*n), making one if there is
  * none (NULL: out of memory; pc is then not taken). Looking further back would make a large ack
- * quadratic; a sender with two groups still gets its receipts in order, the answers to the
- * groups coming back in the order they were asked. */
+ * quadratic. A sender with two groups may get their receipts in either order (one group pushed,
+ * the other put; or a cluster asking one read again): receipts carry no order. */
 static receipt_group_t *receipt_group_add(daemon_t *d, receipt_group_t **groups, size_t *n,
                                           put_ctx_t *pc)
 {

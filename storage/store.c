@@ -1134,7 +1134,9 @@ int store_online(store_t *st, const char *user, store_online_cb cb, void *ud)
     if (store_user_prefix(key, PREFIX_MAX, user) < 0)
         return STORE_EREPLY;
     strcat(key, ":r");
-    cmd_t c = {0};
+    cmd_t c; /* not cleared whole: this runs once per acked page and sender */
+    c.argc = c.nnums = 0;
+    c.epoch = NULL;
     req_t *rq = store_req_new(REQ_ONLINE, ud);
     if (!rq)
         return STORE_ENOMEM;
