@@ -1128,46 +1128,46 @@ void store_set_epoch(store_t *st, const char *epoch)
     snprintf(st->epoch, sizeof st->epoch, "%s", epoch && *epoch ? epoch : "0");
 }
 
+/* Sends a plain command (no script) of one argument for rq; rq is consumed either way. */
+static int send_plain(store_t *st, req_t *rq, const char *name, const char *arg)
+{
+    cmd_t c; /* not cleared whole: store_online runs once per acked page and sender */
+    c.argc = c.nnums = 0;
+    c.epoch = NULL;
+    store_cmd_add(&c, name);
+    store_cmd_add(&c, arg);
+    return store_send(st, rq, &c);
+}
+
 int store_online(store_t *st, const char *user, store_online_cb cb, void *ud)
 {
     char key[PREFIX_MAX + 2];
     if (store_user_prefix(key, PREFIX_MAX, user) < 0)
         return STORE_EREPLY;
     strcat(key, ":r");
-    cmd_t c; /* not cleared whole: this runs once per acked page and sender */
-    c.argc = c.nnums = 0;
-    c.epoch = NULL;
     req_t *rq = store_req_new(REQ_ONLINE, ud);
     if (!rq)
         return STORE_ENOMEM;
     rq->cb.online = cb;
-    store_cmd_add(&c, "HGETALL");
-    store_cmd_add(&c, key);
-    return store_send(st, rq, &c);
+    return send_plain(st, rq, "HGETALL", key);
 }
 
 int store_epoch_get(store_t *st, store_string_cb cb, void *ud)
 {
-    cmd_t c = {0};
     req_t *rq = store_req_new(REQ_VALUE, ud);
     if (!rq)
         return STORE_ENOMEM;
     rq->cb.string = cb;
-    store_cmd_add(&c, "GET");
-    store_cmd_add(&c, KEY_EPOCH);
-    return store_send(st, rq, &c);
+    return send_plain(st, rq, "GET", KEY_EPOCH);
 }
 
 int store_epoch_next(store_t *st, store_epoch_cb cb, void *ud)
 {
-    cmd_t c = {0};
     req_t *rq = store_req_new(REQ_EPOCH, ud);
     if (!rq)
         return STORE_ENOMEM;
     rq->cb.epoch = cb;
-    store_cmd_add(&c, "INCR");
-    store_cmd_add(&c, KEY_EPOCH);
-    return store_send(st, rq, &c);
+    return send_plain(st, rq, "INCR", KEY_EPOCH);
 }
 
 int store_summary(store_t *st, const store_device_t *who, unsigned max, store_summary_cb cb,
