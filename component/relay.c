@@ -417,7 +417,6 @@ typedef struct ack_ctx {
  * one offline gets them put in order, each put looking again. A receipt put that way may land in
  * the sender's queue after a message the acker sent meanwhile: receipts carry no order. */
 typedef struct receipt_group {
-    daemon_t *d;
     put_ctx_t *head, *tail;
 } receipt_group_t;
 
@@ -429,7 +428,7 @@ static void on_receipts_online(void *ud, int err, const char *const *resources, 
         put_ctx_t *next = pc->next_cold;
         pc->next_cold = NULL;
         if (!err && n > 0) {
-            relay_push(g->d, pc->recipient, resources, n, "", pc->blob.data, pc->blob.len);
+            relay_push(pc->d, pc->recipient, resources, n, "", pc->blob.data, pc->blob.len);
             put_ctx_free(pc);
         } else {
             put_start(pc); /* an error comes back from the put too, which reports it */
@@ -454,8 +453,7 @@ static void receipts_send(daemon_t *d, receipt_group_t **groups, size_t ngroups)
  * none (NULL: out of memory; pc is then not taken). Looking further back would make a large ack
  * quadratic. A sender with two groups may get their receipts in either order (one group pushed,
  * the other put; or a cluster asking one read again): receipts carry no order. */
-static receipt_group_t *receipt_group_add(daemon_t *d, receipt_group_t **groups, size_t *n,
-                                          put_ctx_t *pc)
+static receipt_group_t *receipt_group_add(receipt_group_t **groups, size_t *n, put_ctx_t *pc)
 {
     for (size_t i = *n; i-- > 0 && *n - i <= 32;) {
         if (strcmp(groups[i]->head->recipient, pc->recipient) == 0) {
@@ -467,7 +465,6 @@ static receipt_group_t *receipt_group_add(daemon_t *d, receipt_group_t **groups,
     receipt_group_t *g = malloc(sizeof *g);
     if (!g)
         return NULL;
-    g->d = d;
     g->head = g->tail = pc;
     groups[(*n)++] = g;
     return g;
@@ -513,7 +510,7 @@ void relay_send_receipts(daemon_t *d, const char *acker_full, const store_item_t
             break;
         store_blob_encode(&pc->blob, pc->stamp_ms, 0, acker_full, NULL, id, inner.data, inner.len);
         if (inner.failed || proto_buf_finish(&pc->blob) < 0 ||
-            !receipt_group_add(d, groups, &ngroups, pc)) {
+            !receipt_group_add(groups, &ngroups, pc)) {
             put_ctx_free(pc);
             break;
         }
