@@ -18,9 +18,17 @@
 
 /* Who is online for the caller's link epoch (storage/SCHEMA.md). Each script defines only the
  * helpers it calls: Lua builds every one of them again at each call, which the put, run once per
- * message, would pay for nothing. */
+ * message, would pay for nothing. num() is tonumber() remembered for the call: Lua parses a
+ * number with strtod, about 2 000 instructions, and the puts of a put_many call share their
+ * clock, limits and epochs, so each was parsed again for every put (a sixth of a put's Lua). */
 #define LUA_ONLINE                                                                                 \
     "local EPOCH_N = tonumber(EPOCH)\n"                                                            \
+    "local nums = {}\n"                                                                            \
+    "local function num(v)\n"                                                                      \
+    "  local n = nums[v]\n"                                                                        \
+    "  if n == nil then n = tonumber(v); nums[v] = n end\n"                                        \
+    "  return n\n"                                                                                 \
+    "end\n"                                                                                        \
     "local function epoch() return EPOCH end\n"                                                    \
     "local function register(P, res)\n"                                                            \
     "  local cur = tonumber(redis.call('HGET', P .. ':r', res) or '0')\n"                          \
@@ -29,7 +37,7 @@
     "local function online(P)\n"                                                                   \
     "  local res, rs, cur = {}, redis.call('HGETALL', P .. ':r'), EPOCH_N\n"                       \
     "  if cur == 0 then return res end\n"                                                          \
-    "  for i = 1, #rs, 2 do if tonumber(rs[i + 1]) >= cur then res[#res + 1] = rs[i] end end\n"    \
+    "  for i = 1, #rs, 2 do if num(rs[i + 1]) >= cur then res[#res + 1] = rs[i] end end\n"         \
     "  return res\n"                                                                               \
     "end\n"
 
@@ -48,7 +56,7 @@
  * cost a put 3% of its Redis instructions.) Each window's key suffix is built once per call:
  * string concatenation is what a put's Lua spends most on. The window comes from Redis' clock once
  * per script call: the puts of one put_many call happen at one instant as far as dedupe can tell.
- */
+ * origin_find also returns the key of this window's hash, where a new origin goes. */
 #define LUA_ORIGINS                                                                                \
     "local window_at, window_sfx = nil, {}\n"                                                      \
     "local function window_now()\n"                                                                \
@@ -86,17 +94,20 @@
     "  return w\n"                                                                                 \
     "end\n"                                                                                        \
     "local function origins_oldest(P, og)\n"                                                       \
-    "  if og then return tonumber(og) end\n"                                                       \
+    "  if og then return num(og) end\n"                                                            \
     "  if redis.call('EXISTS', P .. ':seq') == 0 then return window_now() end\n"                   \
     "  return origins_upgrade(P)\n"                                                                \
     "end\n"                                                                                        \
     "local function origin_find(P, okey, oldest)\n"                                                \
     "  local w = window_now()\n"                                                                   \
-    "  for g = w, math.max(math.min(oldest, w - 1), w - 63), -1 do\n"                              \
-    "    local sid = redis.call('HGET', origins_key(P, g), okey)\n"                                \
-    "    if sid then return sid end\n"                                                             \
+    "  local cur = origins_key(P, w)\n"                                                            \
+    "  local sid = redis.call('HGET', cur, okey)\n"                                                \
+    "  if sid then return sid, cur end\n"                                                          \
+    "  for g = w - 1, math.max(math.min(oldest, w - 1), w - 63), -1 do\n"                          \
+    "    sid = redis.call('HGET', origins_key(P, g), okey)\n"                                      \
+    "    if sid then return sid, cur end\n"                                                        \
     "  end\n"                                                                                      \
-    "  return nil\n"                                                                               \
+    "  return nil, cur\n"                                                                          \
     "end\n"
 
 /* Everything, for the scripts that read devices and acks or purge. hmget and bulk send one
@@ -254,47 +265,61 @@
  * index_put first. ARGV: user, sender, orig id ('' = none), suffix, blob, track (1 = receipt
  * requested: dedupe and keep pending), now, retry_ms, window_ms, max_n, max_b.
  * Returns {'dup', S} | {'full'} | {'live', S or '', resource...} | {'offline', S} | {'cold'}:
- * the user has no state here (new, or evicted to the archive); the caller restores it first. */
+ * the user has no state here (new, or evicted to the archive); the caller restores it first.
+ * The archive and eviction indexes are written when the queue was empty: a user with queued
+ * messages is on both already (writing them at every put was a tenth of its Redis instructions).
+ * The archive entry is then set, not only added: the new message is the oldest, and a sweep that
+ * claimed the user (its score is then the lease) and emptied the queue would otherwise take the
+ * user off the index after this put. Both are added again, if absent, at every 64th message: an
+ * entry lost to a race of instances (one forgets an evicted user whom another's put just
+ * restored) comes back. */
 #define LUA_PUT_BODY                                                                               \
     "local P, user, sender, oid, blob = KEYS[k + 1], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], "      \
     "ARGV[a + 5]\n"                                                                                \
-    "local track, now = ARGV[a + 6] == '1', tonumber(ARGV[a + 7])\n"                               \
+    "local track, now = ARGV[a + 6] == '1', num(ARGV[a + 7])\n"                                    \
     "local res = nil\n"                                                                            \
     "if not track then\n"                                                                          \
     "  res = online(P)\n"                                                                          \
     "  if #res > 0 then return {'live', '', unpack(res)} end\n"                                    \
     "end\n"                                                                                        \
     "local okey = track and oid ~= '' and sender .. ' ' .. oid or nil\n"                           \
-    "local st = okey and redis.call('MGET', P .. ':seq', P .. ':qb', P .. ':og') or "              \
-    "redis.call('MGET', P .. ':seq', P .. ':qb')\n"                                                \
+    "local kseq, kqb, ko = P .. ':seq', P .. ':qb', nil\n"                                         \
+    "local st = okey and redis.call('MGET', kseq, kqb, P .. ':og') or redis.call('MGET', kseq, "   \
+    "kqb)\n"                                                                                       \
     "if not st[1] then return {'cold'} end\n"                                                      \
     "if okey then\n"                                                                               \
-    "  local prev = origin_find(P, okey, origins_oldest(P, st[3]))\n"                              \
+    "  local prev\n"                                                                               \
+    "  prev, ko = origin_find(P, okey, origins_oldest(P, st[3]))\n"                                \
     "  if prev then return {'dup', prev} end\n"                                                    \
     "end\n"                                                                                        \
     "res = res or online(P)\n"                                                                     \
     "local b = tonumber(st[2] or '0')\n"                                                           \
     "local q = P .. ':q'\n"                                                                        \
-    "if redis.call('ZCARD', q) >= tonumber(ARGV[a + 10]) or "                                      \
-    "b + #blob > tonumber(ARGV[a + 11]) then\n"                                                    \
+    "local queued = redis.call('ZCARD', q)\n"                                                      \
+    "if queued >= num(ARGV[a + 10]) or b + #blob > num(ARGV[a + 11]) then\n"                       \
     "  return {'full'}\n"                                                                          \
     "end\n"                                                                                        \
-    "local seq = tostring(tonumber(st[1]) + 1)\n"                                                  \
+    "local n = tonumber(st[1]) + 1\n"                                                              \
+    "local seq = tostring(n)\n"                                                                    \
     "local sid = seq .. '-' .. ARGV[a + 4]\n"                                                      \
-    "redis.call('MSET', P .. ':seq', seq, P .. ':qb', b + #blob)\n"                                \
+    "redis.call('MSET', kseq, seq, kqb, b + #blob)\n"                                              \
     "redis.call('HSET', P .. ':m', sid, blob)\n"                                                   \
     "redis.call('ZADD', q, seq, sid)\n"                                                            \
-    "if okey then redis.call('HSET', origins_key(P, window_now()), okey, sid) end\n"               \
+    "if okey then redis.call('HSET', ko, okey, sid) end\n"                                         \
     "if indexed then\n"                                                                            \
-    "  redis.call('ZADD', KEYS[k + 4], 'NX', ARGV[a + 7], user)\n"                                 \
-    "  redis.call('ZADD', KEYS[k + 5], 'NX', ARGV[a + 7], user)\n"                                 \
-    "  if #res > 0 then redis.call('ZADD', KEYS[k + 2], 'LT', now + tonumber(ARGV[a + 8]), user) " \
-    "end\n"                                                                                        \
+    "  if queued == 0 then\n"                                                                      \
+    "    redis.call('ZADD', KEYS[k + 4], ARGV[a + 7], user)\n"                                     \
+    "    redis.call('ZADD', KEYS[k + 5], 'NX', ARGV[a + 7], user)\n"                               \
+    "  elseif n % 64 == 0 then\n"                                                                  \
+    "    redis.call('ZADD', KEYS[k + 4], 'NX', ARGV[a + 7], user)\n"                               \
+    "    redis.call('ZADD', KEYS[k + 5], 'NX', ARGV[a + 7], user)\n"                               \
+    "  end\n"                                                                                      \
+    "  if #res > 0 then redis.call('ZADD', KEYS[k + 2], 'LT', now + num(ARGV[a + 8]), user) end\n" \
     "end\n"                                                                                        \
     "if #res == 0 then return {'offline', sid} end\n"                                              \
-    "local due = now + tonumber(ARGV[a + 8])\n"                                                    \
+    "local due = now + num(ARGV[a + 8])\n"                                                         \
     "for _, r in ipairs(res) do redis.call('ZADD', P .. ':p', due, sid .. ' ' .. r) end\n"         \
-    "redis.call('HSET', P .. ':pw', sid, now + tonumber(ARGV[a + 9]))\n"                           \
+    "redis.call('HSET', P .. ':pw', sid, now + num(ARGV[a + 9]))\n"                                \
     "return {'live', sid, unpack(res)}\n"
 
 /* The body reads put i's keys and arguments in place, at offsets k and a, from KEYS and ARGV

@@ -10,6 +10,7 @@
 #include "archive.h"
 #include "blob.h"
 #include "check.h"
+#include "slots.h"
 #include "store.h"
 
 static uv_loop_t loop;
@@ -850,6 +851,61 @@ static void test_puts_in_one_turn(void)
     CHECK(summary_count(&b) == 43);
 }
 
+/* Score of user in an index of its shard (which: "arch", "act"), -1 when it is not there. */
+static long long index_score(const char *which, const char *user)
+{
+    char key[64];
+    store_index_key(key, sizeof key, store_user_shard(user), which);
+    redisReply *r = raw("ZSCORE %s %s", key, user);
+    long long v = r && r->type == REDIS_REPLY_STRING ? atoll(r->str) : -1;
+    freeReplyObject(r);
+    return v;
+}
+
+/* On a single Redis the put keeps the archive and eviction indexes itself, writing them only
+ * when the user's queue was empty. The archive entry is then set, not only added: a sweep's
+ * claim (its lease as the score) must not survive a put that came after the sweep emptied the
+ * queue, or finishing the sweep would take the user off the index. */
+static void test_index_on_put(void)
+{
+    const char *ivy = "ivy@t1";
+    const store_device_t i = {ivy, "i", 1};
+    if (window_now() < 0)
+        return; /* a cluster: index_put writes them, NX, before each put */
+    CHECK(put(ivy, "alice@t1", "x1", true, 100, 5000) == 0);
+    CHECK(put_res.status == STORE_PUT_OFFLINE);
+    char first[64];
+    snprintf(first, sizeof first, "%s", put_sid);
+    CHECK(index_score("arch", ivy) == 5000);
+    CHECK(put(ivy, "alice@t1", "x2", true, 100, 6000) == 0);
+    CHECK(index_score("arch", ivy) == 5000); /* x1 is still the oldest */
+    CHECK(ack_ids(&i, first) == 1 && ack_ids(&i, put_sid) == 1);
+
+    char arch[64], act[64];
+    store_index_key(arch, sizeof arch, store_user_shard(ivy), "arch");
+    store_index_key(act, sizeof act, store_user_shard(ivy), "act");
+    freeReplyObject(raw("ZADD %s 99999 %s", arch, ivy)); /* a sweep's lease */
+    freeReplyObject(raw("ZREM %s %s", act, ivy));        /* as if lost */
+    CHECK(put(ivy, "alice@t1", "x3", true, 100, 7000) == 0);
+    CHECK(index_score("arch", ivy) == 7000);
+    CHECK(index_score("act", ivy) == 7000);
+    CHECK(put(ivy, "alice@t1", "x4", true, 100, 8000) == 0);
+    CHECK(index_score("arch", ivy) == 7000 && index_score("act", ivy) == 7000);
+
+    /* Lost with messages queued: back, if absent, at the user's 64th message (seq 64). */
+    freeReplyObject(raw("ZREM %s %s", arch, ivy));
+    freeReplyObject(raw("ZREM %s %s", act, ivy));
+    char id[16];
+    for (int k = 5; k < 64; k++) {
+        snprintf(id, sizeof id, "x%d", k);
+        CHECK(put(ivy, "alice@t1", id, true, 100, 8000 + k) == 0);
+    }
+    CHECK(index_score("arch", ivy) == -1 && index_score("act", ivy) == -1);
+    CHECK(put(ivy, "alice@t1", "x64", true, 100, 9000) == 0);
+    CHECK(strtoull(put_sid, NULL, 10) == 64);
+    CHECK(index_score("arch", ivy) == 9000 && index_score("act", ivy) == 9000);
+}
+
 /* The archive's files and their directory, so that test runs leave nothing in /tmp. */
 static void remove_archive_dir(const char *dir, const char *path)
 {
@@ -1237,6 +1293,7 @@ int main(void)
         test_dedupe_marks();
         test_dedupe_upgrade();
         test_puts_in_one_turn();
+        test_index_on_put();
         test_archive();
         test_evict();
         test_wait_replicas(&cfg);
