@@ -50,29 +50,54 @@ void proto_buf_append(proto_buf_t *b, const char *s, size_t n)
     b->data[b->len] = '\0';
 }
 
+char *proto_buf_claim(proto_buf_t *b, size_t n)
+{
+    return reserve(b, n) ? b->data + b->len : NULL;
+}
+
+void proto_buf_commit(proto_buf_t *b, size_t n)
+{
+    b->len += n;
+    b->data[b->len] = '\0';
+}
+
 void proto_buf_append_str(proto_buf_t *b, const char *s)
 {
     proto_buf_append(b, s, strlen(s));
 }
 
+/* strcspn finds the next character to escape with vector instructions: a message body is
+ * mostly plain text, and testing it a character at a time was 4% of receiptd's instructions
+ * per stored message. */
 void proto_buf_append_xml(proto_buf_t *b, const char *s)
 {
-    const char *run = s;
-    for (const char *p = s; *p; p++) {
-        const char *rep = NULL;
-        switch (*p) {
-        case '&': rep = "&amp;"; break;
-        case '<': rep = "&lt;"; break;
-        case '>': rep = "&gt;"; break;
-        case '\'': rep = "&apos;"; break;
-        case '"': rep = "&quot;"; break;
-        default: continue;
+    for (;;) {
+        size_t n = strcspn(s, "&<>'\"");
+        proto_buf_append(b, s, n);
+        s += n;
+        const char *rep;
+        switch (*s) {
+        case '&':
+            rep = "&amp;";
+            break;
+        case '<':
+            rep = "&lt;";
+            break;
+        case '>':
+            rep = "&gt;";
+            break;
+        case '\'':
+            rep = "&apos;";
+            break;
+        case '"':
+            rep = "&quot;";
+            break;
+        default:
+            return; /* the end of s */
         }
-        proto_buf_append(b, run, (size_t)(p - run));
         proto_buf_append_str(b, rep);
-        run = p + 1;
+        s++;
     }
-    proto_buf_append_str(b, run);
 }
 
 void proto_buf_append_attr(proto_buf_t *b, const char *name, const char *value)

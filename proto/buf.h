@@ -20,6 +20,10 @@ void proto_buf_free(proto_buf_t *b);
 void proto_buf_reset(proto_buf_t *b);
 void proto_buf_append(proto_buf_t *b, const char *s, size_t n);
 void proto_buf_append_str(proto_buf_t *b, const char *s);
+/* Room for n more bytes and a NUL: returns where they go, or NULL (the buffer is then failed).
+ * The caller writes at most n bytes there and then calls proto_buf_commit with how many. */
+char *proto_buf_claim(proto_buf_t *b, size_t n);
+void proto_buf_commit(proto_buf_t *b, size_t n);
 /* Appends s with the five XML special characters escaped, fit for text or a quoted attribute. */
 void proto_buf_append_xml(proto_buf_t *b, const char *s);
 /* Appends " name='value'" with value escaped; nothing when value is NULL. */

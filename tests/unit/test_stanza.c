@@ -2,6 +2,7 @@
 #include <string.h>
 
 #include "blob.h"
+#include "buf.h"
 #include "check.h"
 #include "stanza.h"
 
@@ -251,10 +252,35 @@ static void test_inner_roundtrip(void)
     proto_buf_free(&wrapped);
 }
 
+/* Text escaped for XML: runs between the escaped characters are copied whole. */
+static void test_escape(void)
+{
+    static const char *const cases[][2] = {
+        {"", ""},
+        {"plain text", "plain text"},
+        {"&", "&amp;"},
+        {"a<b>c", "a&lt;b&gt;c"},
+        {"''\"\"", "&apos;&apos;&quot;&quot;"},
+        {"ends with &", "ends with &amp;"},
+        {"<start", "&lt;start"},
+        {"\xc3\xa9t\xc3\xa9 & co", "\xc3\xa9t\xc3\xa9 &amp; co"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        proto_buf_t b;
+        proto_buf_init(&b);
+        proto_buf_append(&b, "[", 1);
+        proto_buf_append_xml(&b, cases[i][0]);
+        CHECK(proto_buf_finish(&b) == 0);
+        CHECK_STR(b.data + 1, cases[i][1]);
+        proto_buf_free(&b);
+    }
+}
+
 int main(void)
 {
     xmpp_initialize();
     ctx = xmpp_ctx_new(NULL, NULL);
+    test_escape();
     test_fetch();
     test_inner_roundtrip();
     test_ack_and_summary();
