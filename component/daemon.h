@@ -17,6 +17,7 @@
 #include "link.h"
 #include "archive.h"
 #include "store.h"
+#include "strophe_mem.h"
 
 typedef struct stats {
     uint64_t stored, duplicates, delivered, retransmitted, receipts_relayed, acked;
@@ -28,6 +29,7 @@ typedef struct stats {
 typedef struct daemon {
     uv_loop_t *loop;
     xmpp_ctx_t *ctx;
+    strophe_mem_t stanza_mem; /* ctx allocates from it */
     config_t cfg;
     link_t *link;                /* NULL once closed */
     store_t *store;              /* NULL once closed */

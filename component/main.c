@@ -293,7 +293,7 @@ int main(int argc, char **argv)
     uv_loop_init(&loop);
     d->loop = &loop;
     xmpp_initialize();
-    d->ctx = xmpp_ctx_new(NULL, NULL);
+    d->ctx = xmpp_ctx_new(strophe_mem_init(&d->stanza_mem, 1u << 20), NULL);
     if (!d->ctx) {
         fprintf(stderr, "receiptd: out of memory\n");
         return 1;
@@ -356,6 +356,7 @@ int main(int argc, char **argv)
     if (rc != 0)
         log_warn("receiptd: event loop closed with handles open: %s", uv_strerror(rc));
     xmpp_ctx_free(d->ctx);
+    strophe_mem_release(&d->stanza_mem);
     xmpp_shutdown();
     config_free(&d->cfg);
     log_info("receiptd: stopped");
