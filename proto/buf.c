@@ -121,14 +121,24 @@ int proto_buf_finish(proto_buf_t *b)
 
 size_t proto_format_u64(char *buf, uint64_t v)
 {
-    char rev[PROTO_U64_MAX];
-    size_t n = 0;
-    do {
-        rev[n++] = (char)('0' + v % 10);
-        v /= 10;
-    } while (v);
-    for (size_t i = 0; i < n; i++)
-        buf[i] = rev[n - 1 - i];
+    /* Counts the digits first so that they are written once, from the end, two at a time: it
+     * runs about 35 times per stored message, on lengths and on millisecond clocks. */
+    static const char pairs[] =
+        "00010203040506070809101112131415161718192021222324252627282930313233"
+        "34353637383940414243444546474849505152535455565758596061626364656667"
+        "6869707172737475767778798081828384858687888990919293949596979899";
+    size_t n = 1;
+    for (uint64_t t = v; t >= 10; t /= 10)
+        n++;
     buf[n] = '\0';
+    char *p = buf + n;
+    while (v >= 10) {
+        unsigned d = (unsigned)(v % 100) * 2;
+        v /= 100;
+        *--p = pairs[d + 1];
+        *--p = pairs[d];
+    }
+    if (p > buf)
+        *--p = (char)('0' + v);
     return n;
 }

@@ -1,20 +1,36 @@
-/* CRC16 as Redis Cluster defines it (XMODEM: polynomial 0x1021, initial value 0), bit by bit:
- * it runs once per command, on a key of a few dozen bytes, so a table buys nothing. */
+/* CRC16 as Redis Cluster defines it (XMODEM: polynomial 0x1021, initial value 0), a byte at a
+ * time from a table built on first use: it runs for every put (the user's index shard), and bit
+ * by bit it was 2% of receiptd's instructions per stored message. Built on the loop thread
+ * before anything else can ask. */
 #include "slots.h"
 
+#include <stdbool.h>
 #include <stdio.h>
 #include <string.h>
 
 #include "buf.h"
 
-uint16_t store_crc16(const char *buf, size_t len)
+static uint16_t crc_table[256];
+static bool crc_ready;
+
+static void crc_table_build(void)
 {
-    uint16_t crc = 0;
-    for (size_t i = 0; i < len; i++) {
-        crc ^= (uint16_t)((unsigned char)buf[i] << 8);
+    for (unsigned i = 0; i < 256; i++) {
+        uint16_t crc = (uint16_t)(i << 8);
         for (int b = 0; b < 8; b++)
             crc = crc & 0x8000 ? (uint16_t)(crc << 1 ^ 0x1021) : (uint16_t)(crc << 1);
+        crc_table[i] = crc;
     }
+    crc_ready = true;
+}
+
+uint16_t store_crc16(const char *buf, size_t len)
+{
+    if (!crc_ready)
+        crc_table_build();
+    uint16_t crc = 0;
+    for (size_t i = 0; i < len; i++)
+        crc = (uint16_t)(crc << 8 ^ crc_table[(crc >> 8 ^ (unsigned char)buf[i]) & 0xff]);
     return crc;
 }
 

@@ -1,3 +1,6 @@
+#include <inttypes.h>
+#include <stdbool.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -174,6 +177,18 @@ static void test_inner_and_compose(void)
     char num[PROTO_U64_MAX];
     CHECK(proto_format_u64(num, 0) == 1 && strcmp(num, "0") == 0);
     CHECK(proto_format_u64(num, UINT64_MAX) == 20 && strcmp(num, "18446744073709551615") == 0);
+    /* Every digit count, against snprintf. */
+    bool same = true;
+    for (uint64_t v = 1, k = 0; k < 20; k++, v = v * 10 + k % 10) {
+        const uint64_t tries[] = {v, v - 1, v + 1, v * 9 / 10};
+        for (size_t t = 0; t < 4; t++) {
+            char want[32];
+            int wl = snprintf(want, sizeof want, "%" PRIu64, tries[t]);
+            if (proto_format_u64(num, tries[t]) != (size_t)wl || strcmp(num, want) != 0)
+                same = false;
+        }
+    }
+    CHECK(same);
     store_blob_t *b2 = malloc(sizeof *b2);
     /* The header is exactly what the Lua scripts match: "1 STAMP FLAGS LF LT LI\n". */
     proto_buf_t h;
