@@ -26,7 +26,7 @@
     "local nums = {}\n"                                                                            \
     "local function num(v)\n"                                                                      \
     "  local n = nums[v]\n"                                                                        \
-    "  if n == nil then n = tonumber(v); nums[v] = n end\n"                                        \
+    "  if n == nil and v ~= nil then n = tonumber(v); nums[v] = n end\n"                           \
     "  return n\n"                                                                                 \
     "end\n"                                                                                        \
     "local function epoch() return EPOCH end\n"                                                    \
@@ -271,8 +271,7 @@
  * The archive entry is then set, not only added: the new message is the oldest, and a sweep that
  * claimed the user (its score is then the lease) and emptied the queue would otherwise take the
  * user off the index after this put. Both are added again, if absent, at every 64th message: an
- * entry lost to a race of instances (one forgets an evicted user whom another's put just
- * restored) comes back. */
+ * entry lost some other way (a crash between a restore and its index write) comes back. */
 #define LUA_PUT_BODY                                                                               \
     "local P, user, sender, oid, blob = KEYS[k + 1], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], "      \
     "ARGV[a + 5]\n"                                                                                \
@@ -608,10 +607,14 @@ static const char evict_take_lua[] = LUA_PROLOGUE LUA_HELPERS
     "return {redis.call('GET', P .. ':seq') or '0', redis.call('HGETALL', P .. ':dev'),\n"
     "        #sids <= per and 1 or 0, msgs}\n";
 
-/* KEYS: P. ARGV: evict (0|1), S... The archive committed these messages (and, with evict 1, the
- * user's state): delete them here; with evict 1 and nothing left and nobody online, delete all of
- * the user's state. Returns 1 when evicted. The origin hashes stay until two windows after their
- * own, like those of purged messages; the archive has the origins of what it took. */
+/* KEYS: P, and on a single Redis also the user's index shard (due, online, arch, act). ARGV:
+ * evict (0|1), S... The archive committed these messages (and, with evict 1, the user's state):
+ * delete them here; with evict 1 and nothing left and nobody online, delete all of the user's
+ * state. Returns 1 when evicted. The origin hashes stay until two windows after their own, like
+ * those of purged messages; the archive has the origins of what it took. Given the index keys, it
+ * also takes the user off every index in the same step: removed later (in a cluster the caller
+ * sends index_user 'forget'), the entries a put wrote meanwhile for a user it had just brought
+ * back would go too. */
 static const char evict_drop_lua[] = LUA_PROLOGUE LUA_HELPERS
     "local P = KEYS[1]\n"
     "for i = 2, #ARGV do\n"
@@ -628,6 +631,13 @@ static const char evict_drop_lua[] = LUA_PROLOGUE LUA_HELPERS
     "'k', "
     "'r', 'ar'}) do\n"
     "  redis.call('DEL', P .. ':' .. k)\n"
+    "end\n"
+    "if #KEYS == 5 then\n"
+    "  local u = string.sub(P, 5, -2)\n"
+    "  redis.call('ZREM', KEYS[2], u)\n"
+    "  redis.call('SREM', KEYS[3], u)\n"
+    "  redis.call('ZREM', KEYS[4], u)\n"
+    "  redis.call('ZREM', KEYS[5], u)\n"
     "end\n"
     "return 1\n";
 

@@ -410,18 +410,22 @@ static int on_user_evict(sweep_t *sw, const char *user, const redisReply *r)
 /* ---- drops: a per-user change, then its index ------------------------------------------------ */
 
 /* A drop is a one-request sweep: the per-user script with the sids after arg, then (on_after)
- * the user's index entry `which`. */
+ * the user's index entry `which`. An eviction on a single Redis also gets the user's index shard,
+ * to take the user off it in the same step (storage/scripts.c, evict_drop). */
 static int drop_send(store_t *st, sweep_t *sw, store_script_t script, const char *user,
                      const char *arg, const char *const *sids, size_t n)
 {
-    char prefix[PREFIX_MAX];
+    char prefix[PREFIX_MAX], keys[4][INDEX_KEY_MAX];
     cmd_t c;
     if (store_user_prefix(prefix, sizeof prefix, user) < 0) {
         free(sw);
         return STORE_EREPLY;
     }
-    store_cmd_evalsha(&c, st, script, 1);
+    bool indexed = script == STORE_SCRIPT_EVICT_DROP && !st->cluster;
+    store_cmd_evalsha(&c, st, script, indexed ? 5 : 1);
     store_cmd_add(&c, prefix);
+    if (indexed)
+        store_cmd_add_index(&c, store_user_shard(user), keys);
     store_cmd_add(&c, arg);
     sweep_send(sw, &c, STEP_AFTER, user, 0, sids, n);
     if (!sw->pending) {
@@ -468,7 +472,7 @@ static int on_after(sweep_t *sw, const char *user, const redisReply *r)
         if (sw->cb.done)
             sw->cb.done(sw->ud, 0);
     } else {
-        if (r->integer == 1)
+        if (r->integer == 1 && sw->st->cluster) /* a single Redis: evict_drop did it */
             store_index_user(sw->st, user, "forget", 0);
         else /* not all of it moved yet: claimable again at once */
             store_index_set(sw->st, user, IDX_ACT, 0, sw->lease);
