@@ -24,10 +24,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/resource.h>
 #include <uv.h>
 
 #include "fetcher.h"
+#include "measure.h"
 #include "xmlin.h"
 
 enum { LOGIN_FEATURES, LOGIN_AUTH, LOGIN_FEATURES2, LOGIN_BIND, RUNNING };
@@ -55,14 +55,6 @@ typedef struct client {
     fetcher_t f;
     int batch, max_acks;
 } client_t;
-
-static double cpu_seconds(void)
-{
-    struct rusage ru;
-    getrusage(RUSAGE_SELF, &ru);
-    return (double)ru.ru_utime.tv_sec + (double)ru.ru_utime.tv_usec / 1e6 +
-           (double)ru.ru_stime.tv_sec + (double)ru.ru_stime.tv_usec / 1e6;
-}
 
 static void on_written(uv_write_t *w, int status)
 {
@@ -185,7 +177,7 @@ static void send_messages(client_t *c)
 static void logged_in(client_t *c)
 {
     c->state = RUNNING;
-    c->cpu0 = cpu_seconds();
+    c->cpu0 = measure_cpu_seconds();
     c->t0 = uv_hrtime();
     switch (c->mode) {
     case MODE_SEND:
@@ -438,7 +430,7 @@ int main(int argc, char **argv)
 
     uint64_t t1 = c.t1 ? c.t1 : uv_hrtime();
     double secs = c.t0 ? (double)(t1 - c.t0) / 1e9 : 0, div = secs > 0 ? secs : 1;
-    double cpu = c.t0 ? 100.0 * (cpu_seconds() - c.cpu0) / div : 0;
+    double cpu = c.t0 ? 100.0 * (measure_cpu_seconds() - c.cpu0) / div : 0;
     bool ok = !c.failed;
     switch (c.mode) {
     case MODE_SEND: {

@@ -38,10 +38,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strophe.h>
-#include <sys/resource.h>
 #include <uv.h>
 
 #include "fetcher.h"
+#include "measure.h"
 #include "xmlin.h"
 
 typedef struct gen {
@@ -131,43 +131,24 @@ static void finish(gen_t *g)
     uv_stop(g->loop);
 }
 
-static double cpu_seconds(void)
-{
-    struct rusage ru;
-    getrusage(RUSAGE_SELF, &ru);
-    return (double)ru.ru_utime.tv_sec + (double)ru.ru_utime.tv_usec / 1e6 +
-           (double)ru.ru_stime.tv_sec + (double)ru.ru_stime.tv_usec / 1e6;
-}
-
-static int cmp_u64(const void *a, const void *b)
-{
-    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-    return x < y ? -1 : x > y;
-}
-
-static double pct(const uint64_t *v, long n, double p)
-{
-    if (n == 0)
-        return 0;
-    long i = (long)(p * (double)(n - 1));
-    return (double)v[i] / 1e6;
-}
-
 static void print_store(gen_t *g, const char *prefix)
 {
     double secs = (double)(g->end_ns - g->start_ns) / 1e9;
     uint64_t from = g->warmup && g->measure_ns ? g->measure_ns : g->start_ns;
     double measured_secs = (double)(g->end_ns - from) / 1e9;
-    qsort(g->latency, (size_t)g->measured, sizeof *g->latency, cmp_u64);
-    qsort(g->warm_latency, (size_t)g->warmed, sizeof *g->warm_latency, cmp_u64);
+    measure_sort(g->latency, (size_t)g->measured);
+    measure_sort(g->warm_latency, (size_t)g->warmed);
     printf("%sacked=%ld errors=%ld seconds=%.3f rate=%.0f p50_ms=%.3f p99_ms=%.3f p999_ms=%.3f "
            "gen_cpu=%.0f%%",
            prefix, g->acked, g->errors, secs,
            (double)g->measured / (measured_secs > 0 ? measured_secs : 1),
-           pct(g->latency, g->measured, 0.50), pct(g->latency, g->measured, 0.99),
-           pct(g->latency, g->measured, 0.999), 100.0 * cpu_seconds() / (secs > 0 ? secs : 1));
+           measure_pct_ms(g->latency, (size_t)g->measured, 0.50),
+           measure_pct_ms(g->latency, (size_t)g->measured, 0.99),
+           measure_pct_ms(g->latency, (size_t)g->measured, 0.999),
+           100.0 * measure_cpu_seconds() / (secs > 0 ? secs : 1));
     if (g->warmup)
-        printf(" warmup=%ld warm_p99_ms=%.3f", g->warmup, pct(g->warm_latency, g->warmed, 0.99));
+        printf(" warmup=%ld warm_p99_ms=%.3f", g->warmup,
+               measure_pct_ms(g->warm_latency, (size_t)g->warmed, 0.99));
     printf("\n");
     fflush(stdout);
 }
@@ -182,7 +163,7 @@ static void fetch_send(void *ud, const char *data, size_t len)
 static void start_retrieval(gen_t *g)
 {
     g->phase = 4;
-    g->cpu_at_go = cpu_seconds();
+    g->cpu_at_go = measure_cpu_seconds();
     g->f = (fetcher_t){.send = fetch_send,
                        .ud = g,
                        .to = g->domain,
@@ -564,7 +545,7 @@ int main(int argc, char **argv)
            "seconds=%.3f rate=%.0f gen_cpu=%.0f%%\n",
            f->items, f->queued, f->left, f->batches, f->errors, g.receipts, secs,
            (double)f->items / (secs > 0 ? secs : 1),
-           100.0 * (cpu_seconds() - g.cpu_at_go) / (secs > 0 ? secs : 1));
+           100.0 * (measure_cpu_seconds() - g.cpu_at_go) / (secs > 0 ? secs : 1));
     bool ok = answered_all && f->done && !f->errors && f->items == g.acked && f->left == 0;
     fetcher_free(f);
     xmlin_free(g.xml);

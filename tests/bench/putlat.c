@@ -31,10 +31,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
+
+#include "measure.h"
 
 #define RAND_MARK "__rand_int__"
 
@@ -43,17 +44,6 @@ static uint64_t now_ns(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
-static int cmp_u64(const void *a, const void *b)
-{
-    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-    return x < y ? -1 : x > y;
-}
-
-static double pct_ms(const uint64_t *v, size_t n, double p)
-{
-    return n ? (double)v[(size_t)(p * (double)(n - 1))] / 1e6 : 0.0;
 }
 
 /* The call's words with every mark replaced: one buffer for all of them, rebuilt per call. */
@@ -298,16 +288,14 @@ int main(int argc, char **argv)
     }
     if (f)
         fclose(f);
-    qsort(v, m, sizeof *v, cmp_u64);
+    measure_sort(v, m);
     double secs = (double)(end_ns - measure_ns) / 1e9;
-    struct rusage ru;
-    getrusage(RUSAGE_SELF, &ru);
-    double cpu = (double)ru.ru_utime.tv_sec + (double)ru.ru_utime.tv_usec / 1e6 +
-                 (double)ru.ru_stime.tv_sec + (double)ru.ru_stime.tv_usec / 1e6;
+    double cpu = measure_cpu_seconds();
     printf("puts=%zu calls=%zu seconds=%.3f rate=%.0f p50_ms=%.3f p99_ms=%.3f p999_ms=%.3f "
            "errors=%zu cpu=%.0f%%\n",
-           m, calls - warm_calls, secs, (double)m / secs, pct_ms(v, m, 0.5), pct_ms(v, m, 0.99),
-           pct_ms(v, m, 0.999), errors, 100.0 * cpu / ((double)(end_ns - start) / 1e9));
+           m, calls - warm_calls, secs, (double)m / secs, measure_pct_ms(v, m, 0.5),
+           measure_pct_ms(v, m, 0.99), measure_pct_ms(v, m, 0.999), errors,
+           100.0 * cpu / ((double)(end_ns - start) / 1e9));
     close(fd);
     redisReaderFree(rd);
     free(out);
