@@ -54,17 +54,29 @@ static void add_fetch(fetcher_t *f)
     buf_printf(&f->out, "/></iq>");
 }
 
-static void add_summary(fetcher_t *f, char kind)
-{
-    iq_open(f, &f->out, "get", kind);
-    buf_printf(&f->out, "<summary xmlns='urn:receiptd:0'/></iq>");
-}
-
 static void flush(fetcher_t *f)
 {
     if (f->out.len)
         f->send(f->ud, f->out.data, f->out.len);
     f->out.len = 0;
+}
+
+/* The fetch after the page being read, sent at once unless max_acks acks are unanswered (then
+ * when one is). */
+static void fetch_next(fetcher_t *f)
+{
+    if (f->acks_out >= f->max_acks) {
+        f->fetch_waiting = true;
+        return;
+    }
+    add_fetch(f);
+    flush(f);
+}
+
+static void add_summary(fetcher_t *f, char kind)
+{
+    iq_open(f, &f->out, "get", kind);
+    buf_printf(&f->out, "<summary xmlns='urn:receiptd:0'/></iq>");
 }
 
 void fetcher_start(fetcher_t *f)
@@ -116,6 +128,10 @@ void fetcher_on_start(fetcher_t *f, int depth, const char *name, const char **at
         f->ack.len = 0;
         iq_open(f, &f->ack, "set", 'a');
         buf_printf(&f->ack, "<ack xmlns='urn:receiptd:0'>");
+        /* The page says where it ends before its items: the next fetch leaves now, and
+         * receiptd prepares that page while this one is read. */
+        if (!f->complete)
+            fetch_next(f);
     } else if (depth == 5 && strcmp(name, "stanza-id") == 0) {
         /* iq(1) > batch > forwarded > message > stanza-id(5); only ours (by = the component) */
         const char *id = xmlin_attr(attrs, "id"), *by = xmlin_attr(attrs, "by");
@@ -137,10 +153,6 @@ static void on_page(fetcher_t *f)
     }
     if (f->complete)
         f->seen_complete = true;
-    else if (f->acks_out < f->max_acks)
-        add_fetch(f);
-    else
-        f->fetch_waiting = true;
 }
 
 static void on_ack_result(fetcher_t *f)

@@ -1,8 +1,9 @@
 /* The recipient's side of offline retrieval (proto/PROTOCOL.md 7, 8, 6) the way a client does it:
  * summary, then fetch pages with after='{last}' until complete='true', acking each page as soon as
- * it arrived. The ack of page k and the fetch of page k+1 leave in one write, so there is one fetch
- * and at most max_acks acks in flight (a client cannot ask for page k+2 before it knows page k+1's
- * last id). A closing summary checks that the queue is empty. Shared by loadgen (on the component
+ * it was read. A page's <batch/> start tag carries its last id, so the fetch of page k+1 leaves as
+ * soon as page k starts to arrive and receiptd prepares it while page k is read (a client cannot
+ * ask for page k+2 before page k+1 starts); at most max_acks acks are in flight, and a fetch due
+ * beyond that waits for an answer. A closing summary checks that the queue is empty. Shared by loadgen (on the component
  * stream, where it plays the server that stamps 'from') and c2sgen (through a real server). */
 #ifndef BENCH_FETCHER_H
 #define BENCH_FETCHER_H

@@ -1390,7 +1390,7 @@ def main():
     ap.add_argument("--fsync", default="everysec", help="Redis appendfsync everywhere")
     ap.add_argument("--queue", type=int, default=1000000, help="Q, messages queued for retrieval")
     ap.add_argument("--queue-runs", type=int, help="runs of the Q retrieval (default --runs)")
-    ap.add_argument("--online-queue", type=int, default=200000,
+    ap.add_argument("--online-queue", type=int, default=1000000,
                     help="Q of the senders-online retrieval variant")
     ap.add_argument("--sbs-n", type=int, default=10000, help="N of the side by side")
     ap.add_argument("--parts", default="store,retrieval,sbs,ceiling,cluster")
@@ -1765,9 +1765,11 @@ def main():
             "- **retrieval**: `loadgen --fetch` queues Q messages (its store phase, all for one "
             "recipient that never announced presence, so receiptd keeps them in the offline "
             "queue), then plays that recipient: summary, `fetch max='100'` pages with "
-            "`after='{last}'` until `complete='true'`, and an ack of each page sent in the same "
-            "write as the next fetch (one fetch and at most 4 acks in flight: a client cannot ask "
-            "for page k+2 before it knows page k+1's last id). The rate is messages fetched and "
+            "`after='{last}'` until `complete='true'`, the next fetch sent as soon as a page's "
+            "`<batch/>` start tag gives its `last` (receiptd prepares page k+1 while the client "
+            "reads page k; a client cannot ask for page k+2 before page k+1 starts), and an ack "
+            "of each page sent once all of it was read (at most 4 acks in flight). The rate is "
+            "messages fetched and "
             "acked per second, from the summary to the last ack's answer; a closing summary must "
             "say 0 left. receiptd RSS is read before queueing, after queueing, and as the peak "
             "(VmHWM reset with clear_refs when queueing ended) while retrieving. Every ack "
