@@ -2,8 +2,9 @@
  * summary, then fetch pages with after='{last}' until complete='true', acking each page as soon as
  * it was read. A page's <batch/> start tag carries its last id, so the fetch of page k+1 leaves as
  * soon as page k starts to arrive and receiptd prepares it while page k is read (a client cannot
- * ask for page k+2 before page k+1 starts); at most max_acks acks are in flight, and a fetch due
- * beyond that waits for an answer. A closing summary checks that the queue is empty. Shared by loadgen (on the component
+ * ask for page k+2 before page k+1 starts). A fetch leaves only while fewer than max_acks acks
+ * are unanswered (else at the next answer), so with the ack of the page being read at most
+ * max_acks + 1 are in flight. A closing summary checks that the queue is empty. Shared by loadgen (on the component
  * stream, where it plays the server that stamps 'from') and c2sgen (through a real server). */
 #ifndef BENCH_FETCHER_H
 #define BENCH_FETCHER_H

@@ -10,9 +10,11 @@
  * each word of each call (as redis-benchmark -r 1000 does).
  *
  * Prints one line: puts=, calls=, seconds=, rate= (puts answered per second), p50_ms=, p99_ms=,
- * p999_ms= over the puts after the warm-up (each put of a call waited as long as its call),
- * errors= (error replies), cpu= (its own). --dump FILE writes "index sent_us latency_us" per put
- * as loadgen's --dump does, to tell the puts sent while Redis rewrote its AOF from the others.
+ * p999_ms= over the puts after the warm-up (each put of a call waited as long as its call, from
+ * when the call left), late_p99_ms= (how late after its due time a call left: this generator's
+ * own lag), errors= (error replies), cpu= (its own). --dump FILE writes "index sent_us latency_us"
+ * per put as loadgen's --dump does, to tell the puts sent while Redis rewrote its AOF from the
+ * others.
  *
  * --every-ms E sends a call every E ms instead, carrying E ms of puts: what Redis would spend,
  * and the puts wait, if receiptd held puts for E - 1 more milliseconds to send fewer, larger
@@ -133,6 +135,16 @@ static size_t resp_write(const call_tpl_t *t, char *out)
     return at;
 }
 
+/* Hands the kernel what it takes of the unsent calls now. */
+static void send_some(int fd, const char *out, size_t len, size_t *at)
+{
+    if (*at < len) {
+        ssize_t w = send(fd, out + *at, len - *at, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (w > 0)
+            *at += (size_t)w;
+    }
+}
+
 static int connect_redis(int port)
 {
     int fd = socket(AF_INET, SOCK_STREAM, 0);
@@ -184,7 +196,9 @@ int main(int argc, char **argv)
         else
             usage();
     }
-    if (!port || every_ms < 1 || rate * every_ms < 1000 || seconds <= 0 || optind >= argc)
+    /* Whole puts every call, and at least one measured call. */
+    if (!port || every_ms < 1 || rate * every_ms < 1000 || rate * every_ms % 1000 != 0 ||
+        seconds * 1000.0 < every_ms || warm_s < 0 || optind >= argc)
         usage();
 
     call_tpl_t t = {.argc = argc - optind, .words = argv + optind};
@@ -194,20 +208,23 @@ int main(int argc, char **argv)
     uint64_t period = (uint64_t)every_ms * 1000000u;
     size_t calls = (size_t)((seconds + warm_s) * 1000.0) / (size_t)every_ms;
     size_t warm_calls = (size_t)(warm_s * 1000.0) / (size_t)every_ms;
-    uint64_t *sent = calloc(calls, sizeof *sent), *lat = calloc(calls, sizeof *lat);
+    /* Per call: when it was due, when it left, how long its answer took from then. */
+    uint64_t *due = calloc(calls, sizeof *due), *sent = calloc(calls, sizeof *sent);
+    uint64_t *lat = calloc(calls, sizeof *lat);
     char *out = NULL;
     size_t out_len = 0, out_at = 0, out_cap = 0;
     redisReader *rd = redisReaderCreate();
     int fd = connect_redis(port);
-    if (!t.argv || !t.lens || !sent || !lat || !rd || fd < 0)
+    if (!t.argv || !t.lens || !due || !sent || !lat || !rd || fd < 0)
         return 1;
 
     size_t nsent = 0, nanswered = 0, errors = 0;
     uint64_t start = now_ns(), measure_ns = 0, end_ns = 0;
     while (nanswered < calls) {
         uint64_t now = now_ns();
-        /* Every call that is due by now, each stamped with its own due time: a late tick
-         * sends the ones it missed at once, and their wait counts from when they were due. */
+        /* Every call that is due by now, timed from when it leaves, as loadgen times a message
+         * from when it sent it; how late it left is reported apart (late_p99_ms), so that a
+         * generator that falls behind says so. */
         while (nsent < calls && start + nsent * period <= now) {
             if (tpl_fill(&t) < 0)
                 return 1;
@@ -225,24 +242,25 @@ int main(int argc, char **argv)
                 out_cap = need * 2;
             }
             out_len += resp_write(&t, out + out_len);
-            sent[nsent] = start + nsent * period;
+            due[nsent] = start + nsent * period;
+            sent[nsent] = now_ns();
             if (nsent == warm_calls)
                 measure_ns = sent[nsent];
             nsent++;
+            send_some(fd, out, out_len, &out_at);
         }
-        int wait_ms = 1;
+        /* Wake exactly when the next call is due (poll's milliseconds would make each call up
+         * to one late), or after a millisecond once all were sent. */
+        struct timespec wait = {0, 1000000};
         if (nsent < calls) {
-            uint64_t due = start + nsent * period, t2 = now_ns();
-            wait_ms = due > t2 ? (int)((due - t2 + 999999) / 1000000) : 0;
+            uint64_t next = start + nsent * period, t2 = now_ns();
+            wait.tv_nsec = next > t2 ? (long)(next - t2) : 0;
         }
         struct pollfd pfd = {.fd = fd, .events = POLLIN | (out_at < out_len ? POLLOUT : 0)};
-        if (poll(&pfd, 1, wait_ms) < 0 && errno != EINTR)
+        if (ppoll(&pfd, 1, &wait, NULL) < 0 && errno != EINTR)
             return 1;
-        if (pfd.revents & POLLOUT) {
-            ssize_t w = send(fd, out + out_at, out_len - out_at, MSG_DONTWAIT);
-            if (w > 0)
-                out_at += (size_t)w;
-        }
+        if (pfd.revents & POLLOUT)
+            send_some(fd, out, out_len, &out_at);
         if (pfd.revents & (POLLIN | POLLHUP | POLLERR)) {
             char buf[65536];
             ssize_t r = recv(fd, buf, sizeof buf, MSG_DONTWAIT);
@@ -272,10 +290,14 @@ int main(int argc, char **argv)
      * (0 the oldest) arrived (E - 1 - b) ms before its call was due, and that hold counts. */
     size_t m = (calls - warm_calls) * (size_t)per_call;
     uint64_t *v = calloc(m ? m : 1, sizeof *v);
+    uint64_t *late = calloc(calls, sizeof *late);
     FILE *f = dump ? fopen(dump, "w") : NULL;
-    if (!v)
+    if (!v || !late || (dump && !f)) {
+        perror("putlat: results");
         return 1;
+    }
     for (size_t i = 0; i < calls; i++) {
+        late[i] = sent[i] - due[i];
         for (long k = 0; k < per_call; k++) {
             uint64_t held = (uint64_t)(every_ms - 1 - k * every_ms / per_call) * 1000000u;
             uint64_t arrived = sent[i] - held, wait = lat[i] + held;
@@ -289,12 +311,14 @@ int main(int argc, char **argv)
     if (f)
         fclose(f);
     measure_sort(v, m);
+    measure_sort(late + warm_calls, calls - warm_calls);
     double secs = (double)(end_ns - measure_ns) / 1e9;
     double cpu = measure_cpu_seconds();
     printf("puts=%zu calls=%zu seconds=%.3f rate=%.0f p50_ms=%.3f p99_ms=%.3f p999_ms=%.3f "
-           "errors=%zu cpu=%.0f%%\n",
+           "late_p99_ms=%.3f errors=%zu cpu=%.0f%%\n",
            m, calls - warm_calls, secs, (double)m / secs, measure_pct_ms(v, m, 0.5),
-           measure_pct_ms(v, m, 0.99), measure_pct_ms(v, m, 0.999), errors,
+           measure_pct_ms(v, m, 0.99), measure_pct_ms(v, m, 0.999),
+           measure_pct_ms(late + warm_calls, calls - warm_calls, 0.99), errors,
            100.0 * cpu / ((double)(end_ns - start) / 1e9));
     close(fd);
     redisReaderFree(rd);
@@ -302,8 +326,10 @@ int main(int argc, char **argv)
     free(t.buf);
     free(t.argv);
     free(t.lens);
+    free(due);
     free(sent);
     free(lat);
+    free(late);
     free(v);
     return errors ? 1 : 0;
 }
