@@ -708,7 +708,6 @@ def ceiling(n, fsync):
             + (split["commands"], split["script"]))
 
 
-
 def latency_ceiling(rate, fsync, script, every_ms=1):
     """putlat: Redis alone (a fresh one, the benchmark's persistence, the state of the 1000
     recipients created first) offered `script` (Lua source) at `rate` puts/s for 5 s after a
@@ -1776,10 +1775,9 @@ def main():
             "`after='{last}'` until `complete='true'`, the next fetch sent as soon as a page's "
             "`<batch/>` start tag gives its `last` (receiptd prepares page k+1 while the client "
             "reads page k; a client cannot ask for page k+2 before page k+1 starts), and an ack "
-            "of each page sent once all of it was read (a fetch leaves only while fewer than 4 acks "
-            "are unanswered). The rate is "
-            "messages fetched and "
-            "acked per second, from the summary to the last ack's answer; a closing summary must "
+            "of each page sent once all of it was read (a fetch leaves only while fewer than 4 "
+            "acks are unanswered). The rate is messages fetched and acked per second, from the "
+            "summary to the last ack's answer; a closing summary must "
             "say 0 left. receiptd RSS is read before queueing, after queueing, and as the peak "
             "(VmHWM reset with clear_refs when queueing ended) while retrieving. Every ack "
             "relays a receipt to each message's sender; with the senders offline that is one "
@@ -1838,8 +1836,9 @@ def main():
                   "call of rate/1000 puts every millisecond over one connection without waiting "
                   "for earlier answers, 5 s after a warm-up second (the same amounts as the "
                   "latency runs, so the AOF grows, and is rewritten, as it is there), and times "
-                  "each call from when it was due to its answer; the held variant sends a call "
-                  "every 2 ms with 2 ms of puts and counts each put's wait from its own "
+                  "each call from when it left to its answer, as loadgen times a message (how "
+                  "late after its due time a call left is its own row); the held variant sends a "
+                  "call every 2 ms with 2 ms of puts and counts each put's wait from its own "
                   "millisecond; alternating rounds."]
     lines += ["- **CPU**: 100% is one core. The generators report their own user+sys CPU over "
               "the measured wall time; a generator near 100% would be the bottleneck."]
