@@ -253,8 +253,9 @@ int main(int argc, char **argv)
          * to one late), or after a millisecond once all were sent. */
         struct timespec wait = {0, 1000000};
         if (nsent < calls) {
-            uint64_t next = start + nsent * period, t2 = now_ns();
-            wait.tv_nsec = next > t2 ? (long)(next - t2) : 0;
+            uint64_t next = start + nsent * period, t2 = now_ns(), left = next > t2 ? next - t2 : 0;
+            wait.tv_sec = (time_t)(left / 1000000000u);
+            wait.tv_nsec = (long)(left % 1000000000u);
         }
         struct pollfd pfd = {.fd = fd, .events = POLLIN | (out_at < out_len ? POLLOUT : 0)};
         if (ppoll(&pfd, 1, &wait, NULL) < 0 && errno != EINTR)
