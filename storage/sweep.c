@@ -472,10 +472,10 @@ static int on_after(sweep_t *sw, const char *user, const redisReply *r)
         if (sw->cb.done)
             sw->cb.done(sw->ud, 0);
     } else {
-        if (r->integer == 1 && sw->st->cluster) /* a single Redis: evict_drop did it */
-            store_index_user(sw->st, user, "forget", 0);
-        else /* not all of it moved yet: claimable again at once */
+        if (r->integer != 1) /* not all of it moved yet: claimable again at once */
             store_index_set(sw->st, user, IDX_ACT, 0, sw->lease);
+        else if (sw->st->cluster) /* a single Redis: evict_drop took it off every index */
+            store_index_user(sw->st, user, "forget", 0);
         if (sw->cb.flag)
             sw->cb.flag(sw->ud, 0, r->integer == 1);
     }
